@@ -1,0 +1,48 @@
+"""The `model:` section of the config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from train.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    ffn_hidden_size: int = 0  # 0: 4 x hidden_size
+    vocab_size: int = 0  # 0: the tokenizer's, padded to data.vocab_divisible_by
+    position: str = "learned"  # learned | rope
+    activation: str = "gelu"  # gelu | swiglu
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def validate(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_heads"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}", f"is {getattr(self, key)}; it must be positive")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.num_heads", f"is {self.num_heads} but must divide model.hidden_size="
+                              f"{self.hidden_size}; pick a divisor such as {_divisor_near(self.hidden_size, self.num_heads)}")
+        if self.position not in ("learned", "rope"):
+            raise ConfigError("model.position", f"is {self.position!r}; use learned or rope")
+        if self.position == "rope" and (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError("model.num_heads", "gives an odd head size, which rotary positions cannot use")
+        if self.activation not in ("gelu", "swiglu"):
+            raise ConfigError("model.activation", f"is {self.activation!r}; use gelu or swiglu")
+        if self.init_std <= 0:
+            raise ConfigError("model.init_std", f"is {self.init_std}; it must be positive")
+        if self.vocab_size < 0 or self.ffn_hidden_size < 0:
+            raise ConfigError("model.vocab_size" if self.vocab_size < 0 else "model.ffn_hidden_size",
+                              "must be >= 0 (0 derives it)")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))

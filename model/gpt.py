@@ -1,0 +1,148 @@
+"""A GPT whose blocks hold a dense MLP or an MoE layer.
+
+    tokens [B, S] -> embedding (+ learned positions) -> N x Block -> LayerNorm -> LM head -> logits [B, S, V]
+    Block: x + Attention(LN(x)), then x + MLP(LN(x)) or x + MoE(LN(x))
+
+Pre-norm blocks, causal attention through torch's scaled_dot_product_attention, learned or rotary positions,
+GELU or SwiGLU MLPs, tied or untied head. The MoE layer (moe/layer.py) returns its load-balance and z losses,
+which `GPT.forward` averages over MoE layers and adds, weighted, to the language-model loss.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from moe.config import MoEConfig
+from moe.experts.base import activate
+from moe.layer import MoELayer
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [S, hd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, H, S, hd] by position-dependent angles."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, H, S, hd/2] each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, output_std: float):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads, self.rope = cfg.num_heads, cfg.position == "rope"
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        nn.init.normal_(self.qkv.weight, std=cfg.init_std)
+        nn.init.normal_(self.proj.weight, std=output_std)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, S, d = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [B, H, S, hd] each
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
+        return self.proj(y.transpose(1, 2).reshape(B, S, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, output_std: float):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.ffn
+        self.activation = cfg.activation
+        self.fc1 = nn.Linear(d, f, bias=False)
+        self.fc3 = nn.Linear(d, f, bias=False) if cfg.activation == "swiglu" else None
+        self.fc2 = nn.Linear(f, d, bias=False)
+        for lin in (self.fc1, self.fc3):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=cfg.init_std)
+        nn.init.normal_(self.fc2.weight, std=output_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h3 = self.fc3(x) if self.fc3 is not None else None
+        return self.fc2(activate(self.fc1(x), h3, self.activation))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None):
+        super().__init__()
+        output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 / Megatron scaled output init
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, output_std)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = (MoELayer(moe_cfg, cfg.hidden_size, cfg.ffn, cfg.activation, cfg.init_std, output_std)
+                    if moe_cfg is not None else MLP(cfg, output_std))
+
+    def forward(self, x, rope=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        x = x + self.attn(self.ln1(x), rope)
+        if isinstance(self.mlp, MoELayer):
+            y, aux, z = self.mlp(self.ln2(x))
+            return x + y, aux, z
+        return x + self.mlp(self.ln2(x)), None, None
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int, seq_length: int):
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.vocab_size, self.seq_length = vocab_size, seq_length
+        d = cfg.hidden_size
+        self.embed = nn.Embedding(vocab_size, d)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.pos = None
+        if cfg.position == "learned":
+            self.pos = nn.Embedding(seq_length, d)
+            nn.init.normal_(self.pos.weight, std=cfg.init_std)
+        moe_layers = set(moe_cfg.moe_layer_indices(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg if i in moe_layers else None)
+                                    for i in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.head = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(d, vocab_size, bias=False)
+            nn.init.normal_(self.head.weight, std=cfg.init_std)
+        if cfg.position == "rope":
+            cos, sin = rope_tables(seq_length, d // cfg.num_heads, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens, targets [B, S] -> (total loss, {"lm", "aux", "z"}), aux and z averaged over MoE layers."""
+        B, S = tokens.shape
+        x = self.embed(tokens)  # [B, S, d]
+        if self.pos is not None:
+            x = x + self.pos.weight[:S]
+        rope = (self.rope_cos[:S], self.rope_sin[:S]) if self.cfg.position == "rope" else None
+        aux_terms, z_terms = [], []
+        for block in self.blocks:
+            x, aux, z = block(x, rope)
+            if aux is not None:
+                aux_terms.append(aux)
+                z_terms.append(z)
+        x = self.ln_f(x)
+        logits = F.linear(x, self.head.weight if self.head is not None else self.embed.weight)  # [B, S, V]
+        lm = F.cross_entropy(logits.float().view(B * S, -1), targets.reshape(-1))
+        zero = lm.new_zeros(())
+        aux = torch.stack(aux_terms).mean() if aux_terms else zero
+        z = torch.stack(z_terms).mean() if z_terms else zero
+        loss = lm + self.moe_cfg.aux_loss_weight * aux + self.moe_cfg.z_loss_weight * z
+        return loss, {"lm": lm.detach(), "aux": aux.detach(), "z": z.detach()}
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and those active per token (top-k of the experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters())
+        E, k = self.moe_cfg.num_experts, self.moe_cfg.top_k
+        active = total - expert + (expert * k // E if E else 0)
+        return {"total": total, "active": active}

@@ -1,0 +1,86 @@
+"""The `moe:` section of the config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from train.errors import ConfigError
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0: dense model, no MoE layers
+    top_k: int = 1
+    backend: str = "reference"  # reference | padded | grouped | scatter | blocksparse
+    ffn_hidden_size: int = 0  # expert width; 0: model.ffn_hidden_size
+    layers: str = "all"  # which blocks get an MoE layer: all | even | odd | comma-separated indices
+    # router
+    router_type: str = "softmax"  # softmax | sparsemixer
+    renormalize: bool = False  # rescale the top-k weights to sum to 1
+    jitter_eps: float = 0.0  # multiplicative input jitter U[1-eps, 1+eps] in training (SparseMixer: mask width)
+    aux_loss_weight: float = 0.01  # Switch load-balance loss
+    aux_loss_scope: str = "micro_batch"  # micro_batch | global
+    z_loss_weight: float = 0.0
+    expert_bias_rate: float = 0.0  # >0: aux-loss-free balancing bias (DeepSeek-V3), updated after each step
+    # padded backend (Tutel/GShard)
+    capacity_factor: float = 1.0  # 0: dynamic capacity = largest expert load (dropless, padded)
+    min_capacity: int = 4
+    drop_policy: str = "position"  # position | probability
+    rectify_intra: bool = False  # Rectify-Router: dropped assignments go to the best local expert
+    rectify_fill: bool = False  # Rectify-Router: empty slots take the best unassigned tokens
+    # Triton backends
+    block_size: int = 128  # blocksparse block / scatter tile rows
+
+    def validate(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError("moe.num_experts", f"is {self.num_experts}; use 0 (dense) or a positive count")
+        if self.num_experts == 0:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError("moe.top_k", f"is {self.top_k} but must be between 1 and moe.num_experts="
+                              f"{self.num_experts}; lower moe.top_k or raise moe.num_experts")
+        from moe.experts import BACKENDS
+        if self.backend not in BACKENDS:
+            raise ConfigError("moe.backend", f"is {self.backend!r}; use one of {sorted(BACKENDS)}")
+        choices = {"router_type": ("softmax", "sparsemixer"), "aux_loss_scope": ("micro_batch", "global"),
+                   "drop_policy": ("position", "probability")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"moe.{key}", f"is {getattr(self, key)!r}; use one of {list(allowed)}")
+        if self.router_type == "sparsemixer":
+            if self.top_k > 2:
+                raise ConfigError("moe.top_k", f"is {self.top_k} but SparseMixer supports top_k 1 (v1) or 2 (v2)")
+            for key in ("renormalize", "expert_bias_rate", "rectify_intra", "rectify_fill"):
+                if getattr(self, key):
+                    raise ConfigError(f"moe.{key}", "is not supported with moe.router_type=sparsemixer (its "
+                                      "multipliers come from the estimator); turn it off or use router_type=softmax")
+        if self.capacity_factor < 0:
+            raise ConfigError("moe.capacity_factor", f"is {self.capacity_factor}; use 0 (dynamic) or > 0")
+        for key in ("jitter_eps", "aux_loss_weight", "z_loss_weight", "expert_bias_rate"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"moe.{key}", f"is {getattr(self, key)}; it must be >= 0")
+        if (self.rectify_intra or self.rectify_fill) and self.backend != "padded":
+            raise ConfigError("moe.rectify_intra", "Rectify-Router needs moe.backend=padded (it acts on "
+                              "dropped assignments and empty capacity slots)")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError("moe.block_size", f"is {self.block_size}; use a power of two such as 128")
+        self.moe_layer_indices(1)  # syntax check of `layers`
+
+    def moe_layer_indices(self, num_layers: int) -> list[int]:
+        """Block indices that hold an MoE layer."""
+        if self.num_experts == 0:
+            return []
+        spec = str(self.layers).strip()
+        if spec == "all":
+            return list(range(num_layers))
+        if spec in ("even", "odd"):
+            return list(range(0 if spec == "even" else 1, num_layers, 2))
+        try:
+            idx = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError("moe.layers", f"is {spec!r}; use all, even, odd or comma-separated block "
+                              "indices such as 1,3,5") from None
+        bad = [i for i in idx if not 0 <= i < num_layers]
+        if bad and num_layers > 1:
+            raise ConfigError("moe.layers", f"names blocks {bad} but the model has {num_layers} "
+                              f"(indices 0..{num_layers - 1})")
+        return idx

@@ -1,0 +1,75 @@
+"""Pretrain a GPT (dense or MoE) from a YAML config.
+
+    python pretrain.py --config configs/tiny.yaml [dotted.key=value ...]
+    torchrun --nproc_per_node=8 pretrain.py --config configs/moe_medium.yaml parallel.expert=8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from train.errors import ConfigError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.lr=3e-4 moe.backend=padded")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from train.config import load_config, save_config
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides, world_size)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+
+    from data.loader import GPTData
+    from model.gpt import GPT
+    from parallel.state import init_parallel
+    from train.metrics import MetricsLogger
+    from train.trainer import Trainer, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    ps = init_parallel(cfg.parallel, device)
+    run_dir = Path(cfg.logging.run_dir)
+    if ps.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+
+    t = cfg.train
+    data = GPTData(cfg.data, t.seed, train_samples=t.steps * t.global_batch_size,
+                   valid_samples=max(t.eval_batches * t.micro_batch_size * ps.dp_size, 1),
+                   dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+    vocab = cfg.model.vocab_size or data.vocab_size
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model, cfg.moe, vocab, cfg.data.seq_length).to(device)
+    if t.compile:
+        for block in model.blocks:
+            block.compile()
+    if ps.is_main:
+        n = model.num_params()
+        print(f"model: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token; "
+              f"vocab {vocab}; device {device}", flush=True)
+    logger = MetricsLogger(run_dir, ps.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
+                           cfg.logging.tensorboard, cfg.to_dict())
+    trainer = Trainer(cfg, model, data, ps, logger)
+    try:
+        trainer.run()
+    finally:
+        logger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Config loading: every shipped config loads; every bad key, type and value fails with the dotted key."""
+from pathlib import Path
+
+import pytest
+
+import pretrain
+from train.config import load_config, save_config
+from train.errors import ConfigError
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+
+
+def test_all_configs_shipped():
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny", "moe_xs", "moe_small", "moe_medium", "transformer_xs", "transformer_small",
+            "transformer_medium"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.num_layers > 0 and cfg.data.seq_length > 0
+
+
+@pytest.mark.parametrize("size,layers,hidden,heads", [("xs", 6, 512, 8), ("small", 12, 768, 12),
+                                                      ("medium", 24, 1024, 16)])
+def test_paper_recipe(size, layers, hidden, heads):
+    for kind in ("moe", "transformer"):
+        cfg = load_config(f"configs/{kind}_{size}.yaml")
+        m, t = cfg.model, cfg.train
+        assert (m.num_layers, m.hidden_size, m.num_heads, m.ffn) == (layers, hidden, heads, 4 * hidden)
+        assert (cfg.data.seq_length, cfg.data.vocab_divisible_by, t.global_batch_size) == (1024, 1024, 512)
+        assert (t.lr, t.min_lr, t.warmup_frac, t.clip_grad, m.init_std) == (6e-4, 6e-5, 0.01, 1.0, 0.01)
+        if kind == "moe":
+            assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.aux_loss_weight) == (64, 1, 0.1)
+        else:
+            assert cfg.moe.num_experts == 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/tiny.yaml", ["train.lr=1e-3", "moe.backend=reference", "train.compile=true",
+                                            "data.paths=[a,b]"])
+    assert cfg.train.lr == 1e-3 and cfg.train.compile is True and cfg.data.paths == ["a", "b"]
+
+
+@pytest.mark.parametrize("overrides,key,fix", [
+    (["train.lrr=1"], "train.lrr", "did you mean train.lr"),
+    (["bogus.x=1"], "bogus", "known keys"),
+    (["train.lr=fast"], "train.lr", "type float"),
+    (["train.steps=1.5"], "train.steps", "type int"),
+    (["model.num_heads=3"], "model.num_heads", "must divide model.hidden_size"),
+    (["moe.top_k=5"], "moe.top_k", "between 1 and moe.num_experts"),
+    (["train.micro_batch_size=3"], "train.global_batch_size", "multiple of 3"),
+    (["moe.backend=magic"], "moe.backend", "use one of"),
+    (["train"], "train", "dotted.key=value"),
+])
+def test_bad_config_names_key_and_fix(overrides, key, fix):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", overrides)
+    assert err.value.key == key and fix in str(err.value)
+
+
+def test_world_size_checks():
+    with pytest.raises(ConfigError, match="divisible by train.micro_batch_size x data-parallel size"):
+        load_config("configs/tiny.yaml", ["train.global_batch_size=16"], world_size=2)
+    with pytest.raises(ConfigError, match="must divide the world size"):
+        load_config("configs/tiny.yaml", ["parallel.tensor=2"], world_size=3)
+
+
+def test_pretrain_exits_nonzero_before_work(tmp_path, capsys):
+    code = pretrain.main(["--config", "configs/tiny.yaml", "moe.top_k=9", f"logging.run_dir={tmp_path}/run"])
+    assert code == 2
+    assert "moe.top_k" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_round_trips(tmp_path):
+    cfg = load_config("configs/moe_xs.yaml", ["train.lr=1e-4"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

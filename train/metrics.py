@@ -1,0 +1,75 @@
+"""One metrics record per log interval: a console line, a JSONL line, and optionally wandb and TensorBoard.
+
+Only rank 0 writes. wandb runs offline when there is no API key (or when going online fails), with a short
+init timeout, so a run never hangs on the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CONSOLE_KEYS = [("step", "{:d}"), ("loss", "{:.4f}"), ("lm_loss", "{:.4f}"), ("aux_loss", "{:.4f}"),
+                ("z_loss", "{:.3f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"),
+                ("tflops", "{:.1f}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}")]
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool, wandb: bool = False, wandb_project: str = "moetron",
+                 tensorboard: bool = False, config: dict | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = self.tb = None
+        if not enabled:
+            return
+        if wandb:
+            self.wandb = _start_wandb(wandb_project, Path(run_dir), config)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        print(format_line(record), flush=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_line(record: dict) -> str:
+    parts = []
+    for key, fmt in CONSOLE_KEYS:
+        if record.get(key) is not None:
+            parts.append(f"{key} {fmt.format(record[key])}")
+    moe = [v for k, v in record.items() if k.endswith("/max_over_mean")]
+    if moe:
+        parts.append(f"load max/mean {max(moe):.2f}")
+    drop = [v for k, v in record.items() if k.endswith("/dropped_frac")]
+    if drop:
+        parts.append(f"dropped {sum(drop) / len(drop):.2%}")
+    return " | ".join(parts)
+
+
+def _start_wandb(project: str, run_dir: Path, config: dict | None):
+    import wandb
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        os.environ["WANDB_MODE"] = "offline"
+    settings = wandb.Settings(init_timeout=30, silent=True)
+    try:
+        return wandb.init(project=project, dir=str(run_dir), config=config, settings=settings)
+    except Exception as e:  # no network or a bad key: keep the run, log offline
+        print(f"wandb: going offline ({type(e).__name__}: {e})", flush=True)
+        os.environ["WANDB_MODE"] = "offline"
+        return wandb.init(project=project, dir=str(run_dir), config=config, mode="offline", settings=settings)
