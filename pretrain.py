@@ -20,27 +20,38 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.lr=3e-4 moe.backend=padded")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the rank layout and each rank's parameters and memory estimate, then exit")
+    p.add_argument("--world-size", type=int, default=1, help="with --dry-run: the number of processes to plan for")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from train.config import load_config, save_config
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = args.world_size if args.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides, world_size)
+        if args.dry_run:
+            from parallel.dryrun import report
+            print(report(cfg, world_size, cfg.model.vocab_size or tokenizer_vocab(cfg.data)))
+            return 0
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
 
     from data.loader import GPTData
     from model.gpt import GPT
-    from parallel.state import init_parallel
+    from parallel.layers import build_layers
+    from parallel.state import init_parallel, shutdown_parallel
     from train.metrics import MetricsLogger
-    from train.trainer import Trainer, resolve_device
+    from train.checkpoint import Checkpointer, CheckpointError
+    from train.signals import StopRequest
+    from train.trainer import Trainer, TrainingDiverged, resolve_device
 
     device = resolve_device(cfg.train.device)
     ps = init_parallel(cfg.parallel, device)
+    device = ps.device  # under torchrun on GPUs: cuda:LOCAL_RANK
     run_dir = Path(cfg.logging.run_dir)
     if ps.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +64,9 @@ def main(argv=None) -> int:
                    dp_rank=ps.dp_rank, dp_size=ps.dp_size)
     vocab = cfg.model.vocab_size or data.vocab_size
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model, cfg.moe, vocab, cfg.data.seq_length).to(device)
+    model = GPT(cfg.model, cfg.moe, vocab, cfg.data.seq_length, build_layers(ps)).to(device)
+    for layer in model.moe_layers():
+        layer.group = ps.dp_group  # global load-balance loss and expert-bias loads: summed over data parallel
     if t.compile:
         for block in model.blocks:
             block.compile()
@@ -63,12 +76,32 @@ def main(argv=None) -> int:
               f"vocab {vocab}; device {device}", flush=True)
     logger = MetricsLogger(run_dir, ps.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
                            cfg.logging.tensorboard, cfg.to_dict())
-    trainer = Trainer(cfg, model, data, ps, logger)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, ps, cfg.to_dict())
+    stop = StopRequest(device)  # SIGTERM / SIGUSR1: finish the step, save, exit 0
+    trainer = Trainer(cfg, model, data, ps, logger, checkpointer, stop)
     try:
+        resume_from = checkpointer.resolve(cfg.checkpoint.resume)
+        if resume_from is not None:
+            trainer.load_checkpoint(resume_from)
         trainer.run()
+    except (CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
+        stop.restore()
         logger.close()
+        shutdown_parallel()
     return 0
+
+
+def tokenizer_vocab(data_cfg) -> int:
+    """The model vocabulary a run would use: the tokenizer's, padded to data.vocab_divisible_by."""
+    from data.tokenizer import load_tokenizer, padded_vocab_size
+    try:
+        tokenizer = load_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_type)
+    except (OSError, ValueError) as e:
+        raise ConfigError("data.tokenizer", f"cannot be loaded ({e}); or set model.vocab_size=N") from e
+    return padded_vocab_size(tokenizer.vocab_size, data_cfg.vocab_divisible_by)
 
 
 if __name__ == "__main__":

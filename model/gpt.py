@@ -19,6 +19,7 @@ from model.config import ModelConfig
 from moe.config import MoEConfig
 from moe.experts.base import activate
 from moe.layer import MoELayer
+from parallel.layers import Layers
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,14 +36,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, output_std: float):
+    def __init__(self, cfg: ModelConfig, output_std: float, layers: Layers | None = None):
         super().__init__()
+        layers = layers or Layers()
         d = cfg.hidden_size
-        self.num_heads, self.rope = cfg.num_heads, cfg.position == "rope"
+        self.num_heads, self.rope = cfg.num_heads // layers.tp_size, cfg.position == "rope"  # heads held here
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
         nn.init.normal_(self.qkv.weight, std=cfg.init_std)
         nn.init.normal_(self.proj.weight, std=output_std)
+        self.qkv, self.proj = layers.column(self.qkv, chunks=3), layers.row(self.proj)  # tp: q|k|v heads split
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, S, d = x.shape
@@ -50,11 +53,11 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
-        return self.proj(y.transpose(1, 2).reshape(B, S, d))
+        return self.proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, output_std: float):
+    def __init__(self, cfg: ModelConfig, output_std: float, layers: Layers | None = None):
         super().__init__()
         d, f = cfg.hidden_size, cfg.ffn
         self.activation = cfg.activation
@@ -65,6 +68,9 @@ class MLP(nn.Module):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=cfg.init_std)
         nn.init.normal_(self.fc2.weight, std=output_std)
+        layers = layers or Layers()
+        self.fc1, self.fc2 = layers.column(self.fc1), layers.row(self.fc2)
+        self.fc3 = layers.column(self.fc3) if self.fc3 is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h3 = self.fc3(x) if self.fc3 is not None else None
@@ -72,14 +78,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None, layers: Layers | None = None):
         super().__init__()
+        layers = layers or Layers()
         output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 / Megatron scaled output init
         self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, output_std)
+        self.attn = Attention(cfg, output_std, layers)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mlp = (MoELayer(moe_cfg, cfg.hidden_size, cfg.ffn, cfg.activation, cfg.init_std, output_std)
-                    if moe_cfg is not None else MLP(cfg, output_std))
+        self.mlp = (MoELayer(moe_cfg, cfg.hidden_size, cfg.ffn, cfg.activation, cfg.init_std, output_std,
+                             dispatcher=layers.dispatcher)
+                    if moe_cfg is not None else MLP(cfg, output_std, layers))
 
     def forward(self, x, rope=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         x = x + self.attn(self.ln1(x), rope)
@@ -90,25 +98,30 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int, seq_length: int):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int, seq_length: int,
+                 layers: Layers | None = None):
+        """`layers` (parallel/layers.py) shards the modules for this rank; the default keeps them whole."""
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.layers = layers = layers or Layers()
         self.vocab_size, self.seq_length = vocab_size, seq_length
         d = cfg.hidden_size
         self.embed = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.embed = layers.vocab_embedding(self.embed)
         self.pos = None
         if cfg.position == "learned":
             self.pos = nn.Embedding(seq_length, d)
             nn.init.normal_(self.pos.weight, std=cfg.init_std)
         moe_layers = set(moe_cfg.moe_layer_indices(cfg.num_layers))
-        self.blocks = nn.ModuleList(Block(cfg, moe_cfg if i in moe_layers else None)
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg if i in moe_layers else None, layers)
                                     for i in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = None
         if not cfg.tie_embeddings:
             self.head = nn.Linear(d, vocab_size, bias=False)
             nn.init.normal_(self.head.weight, std=cfg.init_std)
+            self.head = layers.column(self.head)  # tp: vocabulary rows split like the embedding's
         if cfg.position == "rope":
             cos, sin = rope_tables(seq_length, d // cfg.num_heads, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -116,6 +129,10 @@ class GPT(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    def checkpoint_shards(self) -> dict:
+        """Tensors split over ranks, for train/checkpoint.py (empty in one process)."""
+        return self.layers.checkpoint_shards(self)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """tokens, targets [B, S] -> (total loss, {"lm", "aux", "z"}), aux and z averaged over MoE layers."""
@@ -131,8 +148,9 @@ class GPT(nn.Module):
                 aux_terms.append(aux)
                 z_terms.append(z)
         x = self.ln_f(x)
-        logits = F.linear(x, self.head.weight if self.head is not None else self.embed.weight)  # [B, S, V]
-        lm = F.cross_entropy(logits.float().view(B * S, -1), targets.reshape(-1))
+        weight = self.head.weight if self.head is not None else self.embed.weight
+        logits = F.linear(self.layers.head_input(x), weight)  # [B, S, V / tp]
+        lm = self.layers.cross_entropy(logits.float().view(B * S, -1), targets.reshape(-1))
         zero = lm.new_zeros(())
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
         z = torch.stack(z_terms).mean() if z_terms else zero

@@ -49,6 +49,9 @@ class MoEConfig:
         if self.router_type == "sparsemixer":
             if self.top_k > 2:
                 raise ConfigError("moe.top_k", f"is {self.top_k} but SparseMixer supports top_k 1 (v1) or 2 (v2)")
+            if self.jitter_eps <= 0:
+                raise ConfigError("moe.jitter_eps", "must be > 0 with router_type=sparsemixer (it is the mask "
+                                  "width; 0 keeps only the top expert and the router learns nothing): use 0.1")
             for key in ("renormalize", "expert_bias_rate", "rectify_intra", "rectify_fill"):
                 if getattr(self, key):
                     raise ConfigError(f"moe.{key}", "is not supported with moe.router_type=sparsemixer (its "

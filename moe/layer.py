@@ -24,7 +24,7 @@ METRICS = ("tokens_max", "tokens_mean", "idle_frac", "aux_loss", "z_loss", "drop
 
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, hidden_size: int, ffn_hidden_size: int, activation: str,
-                 init_std: float, output_std: float):
+                 init_std: float, output_std: float, dispatcher=None):
         super().__init__()
         self.cfg = cfg
         self.group = None
@@ -32,12 +32,17 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(cfg, hidden_size, init_std)
         self.experts = backend_class(cfg.backend)(cfg, E, hidden_size, cfg.ffn_hidden_size or ffn_hidden_size,
                                                   activation, init_std, output_std)
+        # expert parallelism (parallel/expert.py): keep this rank's experts, send tokens to them
+        self.dispatcher = dispatcher
+        if dispatcher is not None:
+            self.experts = dispatcher.shard(self.experts)
         self.register_buffer("sums", torch.zeros(len(METRICS)), persistent=False)  # running sums of METRICS
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_TD = x.reshape(-1, x.shape[-1])  # [T, d]
         routing = self.router(x_TD, self.group)
-        y_TD, num_dropped = self.experts(x_TD, routing)
+        y_TD, num_dropped = (self.experts(x_TD, routing) if self.dispatcher is None
+                             else self.dispatcher(self.experts, x_TD, routing))
         if self.router.omega is not None:  # SparseMixer v1 channel scale
             y_TD = y_TD * self.router.omega.to(y_TD.dtype)
         if self.training:

@@ -69,14 +69,19 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 2  # newest checkpoints kept
-    resume: str = ""  # "" (fresh run) | auto (latest in run_dir, fresh if none) | a step-N folder
-    async_save: bool = False  # GPU only
+    # "" (fresh run) | auto (<run_dir>/checkpoints/latest, falling back to the newest complete one; fresh only
+    # when there is no checkpoint at all) | a step-N folder (must exist and verify). See train/checkpoint.py
+    resume: str = ""
+    async_save: bool = False  # dcp.async_save: copy to host memory, write in a background thread (for GPUs)
     save: bool = True  # write checkpoints at all
 
     def validate(self) -> None:
         if self.interval < 0 or self.keep < 1:
             raise ConfigError("checkpoint.interval" if self.interval < 0 else "checkpoint.keep",
                               "is out of range (interval >= 0, keep >= 1)")
+        if self.resume.strip().lower() in ("latest", "last", "yes", "true", "on"):
+            raise ConfigError("checkpoint.resume", f"is {self.resume!r}; use auto (the latest checkpoint of "
+                              "logging.run_dir), a step-N folder, or '' for a fresh run")
 
 
 @dataclass
@@ -118,6 +123,18 @@ class Config:
         if self.model.num_heads % p.tensor:
             raise ConfigError("parallel.tensor", f"is {p.tensor} but must divide model.num_heads="
                               f"{self.model.num_heads}")
+        if self.model.ffn % p.tensor:
+            raise ConfigError("parallel.tensor", f"is {p.tensor} but must divide the dense MLP width "
+                              f"model.ffn_hidden_size={self.model.ffn}")
+        if self.model.vocab_size % p.tensor:
+            raise ConfigError("model.vocab_size", f"is {self.model.vocab_size} but parallel.tensor={p.tensor} must "
+                              f"divide it; pad it to a multiple of {p.tensor} (or 0: the tokenizer's, padded)")
+        if not self.model.vocab_size and self.data.vocab_divisible_by % p.tensor:
+            raise ConfigError("data.vocab_divisible_by", f"is {self.data.vocab_divisible_by} but must be a multiple "
+                              f"of parallel.tensor={p.tensor}, so the padded vocabulary splits evenly")
+        if p.expert > 1 and (self.moe.rectify_intra or self.moe.rectify_fill):
+            raise ConfigError("moe.rectify_intra", "needs the router logits next to the experts, which expert "
+                              "parallelism does not send; use parallel.expert=1 or turn Rectify-Router off")
         dp = world_size // p.tensor  # batches are split over every rank of one tensor-parallel position
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError("train.global_batch_size", f"is {t.global_batch_size} but must be divisible by "

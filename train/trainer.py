@@ -11,8 +11,9 @@ import time
 
 import torch
 
+from parallel.grads import GradSync
 from parallel.state import ParallelState
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError, Checkpointer
 from train.config import Config
 from train.flops import flops_per_sequence, peak_flops
 from train.metrics import MetricsLogger
@@ -32,6 +33,7 @@ class Trainer:
         t = cfg.train
         self.accumulation = t.global_batch_size // (t.micro_batch_size * ps.dp_size)
         self.optimizer = build_optimizer(model, t)
+        self.grad_sync = GradSync(model, ps, cfg.parallel.bucket_mb)  # dp / expert-dp reduction, global clip
         self.device = ps.device
         self.autocast_dtype = torch.bfloat16 if resolve_dtype(t.dtype, self.device) == "bf16" else None
         self.flops_per_seq = flops_per_sequence(cfg.model, cfg.moe, model.vocab_size, cfg.data.seq_length)
@@ -54,14 +56,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg.train)
         sums = {}
-        for _ in range(self.accumulation):
+        for i in range(self.accumulation):
             loss, parts = self.forward(next(batches))
+            self.grad_sync.begin_backward(last=i == self.accumulation - 1)  # reduce overlapped with the last
             (loss / self.accumulation).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v / self.accumulation
-        clip = self.cfg.train.clip_grad
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        sums = self.grad_sync.average(sums)  # means over the data-parallel ranks: every rank skips alike
+        grad_norm = self.grad_sync.finish(self.cfg.train.clip_grad)  # wait for the reduction, clip (0: off)
         sums["grad_norm"] = grad_norm
         if torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm):
             self.optimizer.step()
@@ -77,13 +79,26 @@ class Trainer:
         return sums
 
     def report_skip(self, sums: dict) -> None:
+        """Print the skipped step and its suspects; stop the run with TrainingDiverged after train.max_skipped
+        in a row."""
         vals = {k: float(v) for k, v in sums.items()}
         if self.ps.is_main:
-            print(f"step {self.step}: non-finite loss or gradient, step skipped "
-                  f"({self.skipped_in_row} in a row): {vals}", flush=True)
+            print(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.skipped_in_row} in a "
+                  f"row): {vals}; suspects: {'; '.join(self.skip_suspects(vals)) or 'none found'}", flush=True)
         if self.skipped_in_row >= self.cfg.train.max_skipped:
-            raise RuntimeError(f"{self.skipped_in_row} non-finite steps in a row (train.max_skipped="
-                               f"{self.cfg.train.max_skipped}); stopping. Lower train.lr or check the data.")
+            raise TrainingDiverged(f"{self.skipped_in_row} non-finite steps in a row (train.max_skipped="
+                                   f"{self.cfg.train.max_skipped}) up to step {self.step + 1}; stopping without "
+                                   "saving. Lower train.lr, or check the data, then resume from the last checkpoint.")
+
+    def skip_suspects(self, vals: dict[str, float]) -> list[str]:
+        """The non-finite loss parts and grad norm, and each MoE layer's non-finite aux or z loss (read_metrics,
+        which also resets the layer's interval metrics)."""
+        out = [f"{k}={v}" for k, v in vals.items() if not math.isfinite(v)]
+        for name, m in self.model.named_modules():
+            if hasattr(m, "read_metrics"):
+                out += [f"{name} {k}={v.item()}" for k, v in m.read_metrics().items()
+                        if k in ("aux_loss", "z_loss") and not torch.isfinite(v)]
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -111,7 +126,43 @@ class Trainer:
                 history.append(record)
                 window = []
                 tick = time.perf_counter()  # validation and logging stay out of the throughput
+            if self.stop is not None and self.stop.agreed():
+                self.save_checkpoint()
+                if self.ps.is_main:
+                    print(f"stopping at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
+                          "resume with checkpoint.resume=auto", flush=True)
+                break
+            ckpt = self.cfg.checkpoint.interval
+            if self.step == t.steps or (ckpt and self.step % ckpt == 0):
+                self.save_checkpoint()
+                tick = time.perf_counter()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
         return history
+
+    def checkpoint_meta(self) -> dict:
+        """What meta.json records besides the step: the data position and LR follow from it (kept to check)."""
+        return {"consumed_samples": self.step * self.cfg.train.global_batch_size,
+                "lr": lr_at(self.step, self.cfg.train), "skipped_in_row": self.skipped_in_row}
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.step, self.model, self.optimizer, self.checkpoint_meta())
+
+    def load_checkpoint(self, path) -> None:
+        """Restore model, optimizer, RNG and step from a step-N folder (see train/checkpoint.py)."""
+        meta = self.checkpointer.load(path, self.model, self.optimizer)
+        gbs = self.cfg.train.global_batch_size
+        if meta["consumed_samples"] != meta["step"] * gbs:
+            raise CheckpointError(f"checkpoint {path}: {meta['consumed_samples']} samples consumed in "
+                                  f"{meta['step']} steps, but train.global_batch_size={gbs} would place step "
+                                  f"{meta['step']} at sample {meta['step'] * gbs}; resume with the saved global "
+                                  "batch size")
+        self.step, self.skipped_in_row = meta["step"], meta["skipped_in_row"]
+        if self.ps.is_main and meta["lr"] != lr_at(self.step, self.cfg.train):
+            print(f"checkpoint: the LR schedule changed (train.* differs from the saved run): step {self.step} "
+                  f"gets lr {lr_at(self.step, self.cfg.train):.3e}, the saved run would use {meta['lr']:.3e}",
+                  flush=True)
 
     def record(self, window: list[dict], elapsed: float) -> dict:
         t, n = self.cfg.train, len(window)

@@ -27,6 +27,14 @@ def activate(h1: torch.Tensor, h3: torch.Tensor | None, activation: str) -> torc
     return F.gelu(h1, approximate="tanh")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype expert matmuls run in: autocast's where it is on (a LayerNorm hands fp32 activations to the
+    MoE layer under bf16 autocast), else the activations' own. Kernel backends cast x and the weights to it;
+    weight gradients flow back through the cast."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: MoEConfig, num_experts: int, hidden_size: int, ffn_hidden_size: int,
                  activation: str, init_std: float, output_std: float):

@@ -1,0 +1,87 @@
+"""End-to-end training throughput of several configs in one job, e.g. MoE-XS against Transformer-XS.
+
+    python benchmarks/bench_e2e.py --configs transformer_xs,moe_xs --steps 300 --micro-batch 64 \
+        --set moe.backend=grouped --out benchmarks/results
+
+Runs `pretrain.py` once per config (same steps, batch and overrides), skips the first log interval (warm-up,
+compilation), and reports steady-state tokens/s, step time, TFLOP/s, MFU, peak memory and the final loss, with
+the ratio of step times against the first config. Writes <date>-<device>-e2e.json and .md under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_one(spec: str, args) -> dict:
+    """spec: a config name, optionally with its own overrides: `moe_xs@moe.backend=scatter@train.compile=false`."""
+    name, *own = spec.split("@")
+    run_dir = Path(args.run_root) / spec.replace("@", "_").replace("=", "-")
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--config", str(ROOT / f"configs/{name}.yaml"),
+           f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+           f"train.global_batch_size={args.global_batch or args.micro_batch}", f"train.log_interval={args.log_interval}",
+           "train.eval_interval=0", "checkpoint.save=false", f"train.compile={str(args.compile).lower()}",
+           f"logging.run_dir={run_dir}", *args.set, *own]
+    print("$", " ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode:
+        return {"config": spec, "command": " ".join(cmd[1:]), "error": "pretrain.py failed (see its output)"}
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = recs[1:] or recs
+    med = lambda k: statistics.median(r[k] for r in steady if r.get(k) is not None) if any(
+        r.get(k) is not None for r in steady) else None
+    return {"config": spec, "command": " ".join(cmd[1:]), "tokens_per_s": med("tokens_per_s"),
+            "step_time_s": med("step_time_s"), "tflops": med("tflops"), "mfu": med("mfu"),
+            "peak_mem_gib": max((r.get("mem_gib") or 0) for r in recs), "first_loss": recs[0]["loss"],
+            "final_loss": recs[-1]["loss"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="transformer_xs,moe_xs", help="comma-separated specs (see run_one)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--global-batch", type=int, default=0, help="0: one micro-batch per step")
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every run")
+    p.add_argument("--run-root", default="/tmp/moetron-e2e")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    args = p.parse_args()
+
+    import torch
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rows = [run_one(name, args) for name in args.configs.split(",")]
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    base = rows[0]["step_time_s"]
+    lines = [f"# End-to-end throughput, {device}, {datetime.date.today()}", "",
+             f"steps {args.steps}, micro batch {args.micro_batch}, compile {args.compile}, overrides "
+             f"`{' '.join(args.set)}`; medians over log intervals after the first.", "",
+             "| config | tokens/s | step s | step time vs first | TFLOP/s | MFU | peak GiB | loss first -> last |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
+                     f"{r['step_time_s'] / base:.2f} | {r['tflops']:.1f} | {mfu} | {r['peak_mem_gib']:.1f} | "
+                     f"{r['first_loss']:.2f} -> {r['final_loss']:.2f} |")
+    lines += [f"| {r['config']} | failed | | | | | | |" for r in failed]
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today()}-{device.replace(' ', '_')}-e2e"
+    (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": rows + failed, "args": vars(args)}, indent=1))
+    (out / f"{stem}.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,284 @@
+"""Expert-backend benchmark: forward and forward+backward of the experts alone, against a dense pair of
+matmuls of equal FLOPs (the ceiling) and the naive per-expert loop (the `reference` backend).
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_moe.py --backends padded:cf=0,padded:cf=1,grouped --shapes S1,S3
+    python benchmarks/bench_moe.py --dry-run          # tiny shape, CPU allowed: a smoke test
+
+A backend is `name[:key=value...]`, the keys being moe.* config keys (`cf` = capacity_factor), e.g.
+`padded:cf=1:drop_policy=probability`. Activation GELU, bf16 activations and weights (fp32 in --dry-run on CPU).
+Useful FLOPs: 2*T*k*d*f per GEMM, two GEMMs, x3 for forward+backward. Routing: a fixed-seed random router
+on inputs z + 0.1*mu (z ~ N(0, I) per token, mu one fixed N(0, I) vector): softmax top-k with realistic skew;
+its max/mean expert load is printed. Timings: median over --reps of CUDA-event intervals after --warmup.
+Error: relative L2 error of the output and of the input gradient against the naive loop (padded with a
+finite capacity drops assignments, so its error is large by design; its dropped fraction is listed).
+Writes <out>/<date>-<device>[-<tag>].json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moe.config import MoEConfig  # noqa: E402
+from moe.experts import backend_class  # noqa: E402
+from moe.routing import Routing  # noqa: E402
+
+SHAPES = {  # name: (T, d, f, E, k)
+    "S1": (32768, 512, 2048, 64, 1),
+    "S2": (16384, 1024, 4096, 64, 1),
+    "S3": (8192, 4096, 14336, 8, 2),
+    "S4": (16384, 2048, 1024, 64, 8),
+    "tiny": (256, 64, 128, 8, 2),
+}
+ALIASES = {"cf": "capacity_factor"}
+
+
+def parse_backend(spec: str) -> tuple[str, str, dict]:
+    """'padded:cf=1' -> (label 'padded(cf=1)', 'padded', {'capacity_factor': 1.0})."""
+    name, *opts = spec.split(":")
+    overrides = {}
+    defaults = MoEConfig()
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        key = ALIASES.get(key, key)
+        if not hasattr(defaults, key):
+            raise SystemExit(f"--backends {spec}: {key!r} is not an moe.* config key")
+        kind = type(getattr(defaults, key))
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    label = name + (f"({','.join(opts)})" if opts else "")
+    return label, name, overrides
+
+
+def make_routing(T: int, d: int, E: int, k: int, device, dtype, seed: int = 0):
+    """x [T, d] = z + 0.1*mu and a fixed random router's softmax top-k routing over it."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(d, generator=g)
+    x = torch.randn(T, d, generator=g) + 0.1 * mu
+    w_router = torch.randn(E, d, generator=g) / math.sqrt(d)
+    probs = (x @ w_router.t()).softmax(-1)
+    weights, ids = probs.topk(k, -1)
+    counts = torch.bincount(ids.reshape(-1), minlength=E).float()
+    x = x.to(device, dtype)
+    routing = Routing(ids.to(device), weights.to(device).requires_grad_(True), probs.to(device),
+                      torch.zeros((), device=device), torch.zeros((), device=device), E, {},
+                      (x.float() @ w_router.to(device).t()))
+    return x, routing, (counts.max() / counts.mean()).item()
+
+
+class Timer:
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.cuda, self.reps, self.warmup, self.device = device.type == "cuda", reps, warmup, device
+
+    def __call__(self, fn) -> float:
+        """Median milliseconds of fn()."""
+        for _ in range(self.warmup):
+            fn()
+        if not self.cuda:
+            times = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.reps)]
+        torch.cuda.synchronize()
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+    def peak_gib(self, fn) -> float | None:
+        """Peak memory allocated by fn() above what was allocated before, GiB."""
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def bench_experts(module, x, routing, dy, timer):
+    """Timings and outputs of one expert module on (x, routing)."""
+    params = list(module.parameters())
+    x = x.detach().requires_grad_(True)
+
+    def fwd():
+        return module(x, routing)
+
+    def fwd_bwd():
+        for p in params + [x, routing.weights]:
+            p.grad = None
+        y, dropped = module(x, routing)
+        y.backward(dy)
+        return y, dropped
+
+    t_fwd = timer(fwd)
+    t_fb = timer(fwd_bwd)
+    peak = timer.peak_gib(fwd_bwd)
+    y, dropped = fwd_bwd()
+    return t_fwd, t_fb, peak, y.detach(), x.grad.detach(), dropped.item()
+
+
+def bench_dense(N, d, f, device, dtype, timer):
+    """The ceiling: gelu(X [N, d] @ W1 [d, f]) @ W2 [f, d] with the same GEMM FLOPs as the experts."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    X = torch.randn(N, d, generator=g).to(device, dtype).requires_grad_(True)
+    W1 = (torch.randn(d, f, generator=g) * 0.02).to(device, dtype).requires_grad_(True)
+    W2 = (torch.randn(f, d, generator=g) * 0.02).to(device, dtype).requires_grad_(True)
+    dY = torch.randn(N, d, generator=g).to(device, dtype)
+
+    def fwd():
+        return F.gelu(X @ W1, approximate="tanh") @ W2
+
+    def fwd_bwd():
+        for p in (X, W1, W2):
+            p.grad = None
+        fwd().backward(dY)
+
+    return timer(fwd), timer(fwd_bwd), timer.peak_gib(fwd_bwd)
+
+
+def run_shape(name, shape, backends, device, dtype, timer, naive: bool):
+    T, d, f, E, k = shape
+    flops_fwd = 2 * T * k * d * f * 2
+    x, routing, skew = make_routing(T, d, E, k, device, dtype)
+    print(f"\n== {name}: T={T} d={d} f={f} E={E} k={k}  load max/mean {skew:.2f}  "
+          f"useful GFLOP fwd {flops_fwd / 1e9:.1f}", flush=True)
+    dy = torch.randn(T, d, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    rows = []
+
+    def record(label, t_fwd, t_fb, peak, err_y=None, err_dx=None, dropped=None):
+        row = {"shape": name, "T": T, "d": d, "f": f, "E": E, "k": k, "load_max_over_mean": round(skew, 3),
+               "backend": label, "fwd_ms": t_fwd, "fwd_bwd_ms": t_fb,
+               "fwd_tflops": flops_fwd / t_fwd / 1e9, "fwd_bwd_tflops": 3 * flops_fwd / t_fb / 1e9,
+               "peak_mem_gib": peak, "err_y": err_y, "err_dx": err_dx,
+               "dropped_frac": None if dropped is None else dropped / (T * k)}
+        if rows and rows[0]["backend"] == "dense":
+            row["fwd_pct_dense"] = 100 * rows[0]["fwd_ms"] / t_fwd
+            row["fwd_bwd_pct_dense"] = 100 * rows[0]["fwd_bwd_ms"] / t_fb
+        rows.append(row)
+        pct = f"{row.get('fwd_bwd_pct_dense', 100):5.1f}%"
+        print(f"  {label:28s} fwd {t_fwd:8.3f} ms {row['fwd_tflops']:7.1f} TF/s | fwd+bwd {t_fb:8.3f} ms "
+              f"{row['fwd_bwd_tflops']:7.1f} TF/s {pct} of dense | peak {peak if peak is None else round(peak, 2)}"
+              f" GiB | err y {err_y if err_y is None else f'{err_y:.2e}'} dx "
+              f"{err_dx if err_dx is None else f'{err_dx:.2e}'} | dropped {row['dropped_frac']}", flush=True)
+
+    record("dense", *bench_dense(T * k, d, f, device, dtype, timer))
+    torch.manual_seed(0)
+    weights = backend_class("reference")(MoEConfig(num_experts=E, top_k=k), E, d, f, "gelu", 0.02,
+                                         0.02 / math.sqrt(2)).state_dict()
+    weights = {key: v.to(device, dtype) for key, v in weights.items()}
+
+    def build(backend, overrides):
+        cfg = MoEConfig(num_experts=E, top_k=k, backend=backend, **overrides)
+        cfg.validate()
+        module = backend_class(backend)(cfg, E, d, f, "gelu", 0.02, 0.02).to(device, dtype)
+        module.load_state_dict(weights)
+        return module
+
+    ref = build("reference", {})
+    t_fwd, t_fb, peak, y_ref, dx_ref, _ = bench_experts(ref, x, routing, dy, timer if naive else Timer(device, 1, 0))
+    if naive:
+        record("naive loop", t_fwd, t_fb, peak, 0.0, 0.0, 0)
+    del ref
+    for label, backend, overrides in backends:
+        try:
+            module = build(backend, overrides)
+            t_fwd, t_fb, peak, y, dx, dropped = bench_experts(module, x, routing, dy, timer)
+        except (RuntimeError, NotImplementedError) as err:  # a backend failing must not lose the others
+            print(f"  {label:28s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            rows.append({"shape": name, "backend": label, "error": str(err)[:300]})
+            continue
+        record(label, t_fwd, t_fb, peak, rel_err(y, y_ref), rel_err(dx, dx_ref), dropped)
+        del module, y, dx
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write(rows, out_dir: str, device_name: str, args) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stem = os.path.join(out_dir, f"{date}-{re.sub(r'[^A-Za-z0-9._-]+', '-', device_name).strip('-')}"
+                        + (f"-{args.tag}" if args.tag else ""))
+    meta = {"device": device_name, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "torch": torch.__version__, "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup,
+            "activation": "gelu", "flops": "2*T*k*d*f per GEMM, 2 GEMMs; x3 for fwd+bwd"}
+    with open(stem + ".json", "w") as fh:
+        json.dump({"meta": meta, "results": rows}, fh, indent=1)
+    def fmt(v, spec=".1f"):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"# bench_moe: {device_name}, {meta['date_utc'][:16]} UTC, torch {torch.__version__}, {args.dtype}",
+             "", f"Command: `{' '.join(sys.argv)}`. {meta['flops']}. Median of {args.reps} reps.", "",
+             "| shape | load max/mean | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | % dense "
+             "(fwd+bwd) | peak GiB | rel err y | rel err dx | dropped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | - | {r['backend']} | failed: {r['error'][:80]} |")
+            continue
+        cells = [r["shape"], fmt(r["load_max_over_mean"], ".2f"), r["backend"], fmt(r["fwd_ms"], ".3f"),
+                 fmt(r["fwd_tflops"]), fmt(r["fwd_bwd_ms"], ".3f"), fmt(r["fwd_bwd_tflops"]),
+                 fmt(r.get("fwd_bwd_pct_dense")), fmt(r["peak_mem_gib"], ".2f"), fmt(r["err_y"], ".1e"),
+                 fmt(r["err_dx"], ".1e"), fmt(r["dropped_frac"], ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(stem + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return stem
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="padded:cf=0,padded:cf=1,grouped")
+    ap.add_argument("--shapes", default="S1,S2,S3,S4")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--tag", default="", help="suffix of the result files' names")
+    ap.add_argument("--no-naive", action="store_true", help="skip timing the naive loop (still the error baseline)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shape, 2 reps: a smoke test (CPU fine)")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.shapes, args.reps, args.warmup = "tiny", 2, 1
+        if args.device == "cpu":
+            args.dtype = "float32"
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    backends = [parse_backend(s) for s in args.backends.split(",") if s]
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {unknown}; use some of {sorted(SHAPES)}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{args.dtype}"
+    print(f"device {device_name}, torch {torch.__version__}, {args.dtype}, backends "
+          f"{[b[0] for b in backends]}", flush=True)
+    timer = Timer(device, args.reps, args.warmup)
+    rows = []
+    for name in args.shapes.split(","):
+        rows += run_shape(name, SHAPES[name], backends, device, dtype, timer, not args.no_naive)
+    print(f"\nwrote {write(rows, args.out, device_name, args)}.json/.md")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""ScatterMoE backend: layer 1 scattered->grouped (activation fused), layer 2 grouped->scattered with the gates.
+
+No padded or grouped copy of x exists in forward or backward: kernels read x and dout rows by index.
+Saved for backward: x [T, d], the pre-activation h [T*k, f] ([T*k, 2f] for SwiGLU), the gates and the
+sort (order, counts); the activation is recomputed in the backward kernel's epilogue.
+
+Backward, with dout [T, d] (s = slot of sorted position p, t = s // k, g = gates[s]):
+    acc[p] = dout[t] @ w2[e]^T;  a = act(h);  dgates[s] = <a[p], acc[p]> (= <y_exp[s], dout[t]>);
+    dh[p] = g * acc[p] * act'(h[p]);  ga[p] = g * a[p]          (one kernel: mlp_out_bwd)
+    dw2[e] = sum_p ga[p]^T dout[t];  dw1[e] = sum_p x[t]^T dh[p]  (group_xty)
+    dx[t] = sum_j dh[p(t, j)] @ w1[e]^T                          (scatter_mm grouped->scattered)
+"""
+from __future__ import annotations
+
+import torch
+
+from moe.experts.base import Experts, compute_dtype
+from moe.kernels import scatter as K
+from moe.permute import sort_by_expert
+from moe.routing import Routing
+
+
+def _sum_slots(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """[T*k, n] in slot order -> [T, n]."""
+    return y if k == 1 else y.view(T, k, y.shape[1]).sum(1)
+
+
+class ScatterMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gates, w1, w3, w2, order, counts, ends):
+        # x [T, d]; gates [T, k] fp32 (fp64 for fp64 x); w1, w3 [E, d, f]; w2 [E, f, d]
+        # order [T*k] int64; counts, ends [E] int64
+        T, k = gates.shape
+        gates_flat = gates.reshape(-1).contiguous()
+        h, a = K.mlp_in_fwd(x, w1, w3, order, counts, k)  # [T*k, f or 2f], [T*k, f] sorted
+        y = K.scatter_mm(a, w2, order, counts, k, scattered_in=False, scattered_out=True, gates=gates_flat)
+        ctx.save_for_backward(x, h, gates_flat, w1, w3, w2, order, counts, ends)
+        ctx.top_k = k
+        return _sum_slots(y, T, k)  # [T, d]
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, h, gates_flat, w1, w3, w2, order, counts, ends = ctx.saved_tensors
+        k, T, f = ctx.top_k, x.shape[0], w1.shape[2]
+        dh, ga, dgates = K.mlp_out_bwd(dout, w2, h, gates_flat, order, counts, k, glu=w3 is not None)
+        dw2 = K.group_xty(ga, dout, order, counts, ends, k, x_scattered=False, dy_scattered=True)
+        del ga
+        dw1 = K.group_xty(x, dh[:, :f], order, counts, ends, k, x_scattered=True, dy_scattered=False)
+        dw3 = None
+        if w3 is not None:
+            dw3 = K.group_xty(x, dh[:, f:], order, counts, ends, k, x_scattered=True, dy_scattered=False)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx_slots = K.scatter_mm(dh, w1.transpose(1, 2), order, counts, k, scattered_in=False, scattered_out=True,
+                                    w_2=None if w3 is None else w3.transpose(1, 2))  # [T*k, d] slot order
+            dx = _sum_slots(dx_slots, T, k)
+        return dx, dgates.view(T, k), dw1, dw3, dw2, None, None, None
+
+
+class ScatterExperts(Experts):
+    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        if not x.is_cuda and not K.INTERPRET:
+            raise RuntimeError("moe.backend=scatter runs Triton kernels: on CPU set TRITON_INTERPRET=1 before "
+                               "importing triton (slow, for tests), or use moe.backend=reference or grouped")
+        if x.shape[0] == 0:  # no tokens here (expert parallelism): zero output, every parameter still in the graph
+            return self.expert_mlp(x, 0) + 0 * routing.weights.sum(), x.new_zeros((), dtype=torch.int64)
+        srt = sort_by_expert(routing.expert_ids, self.num_experts)
+        dt = compute_dtype(x)
+        w3 = None if self.w3 is None else self.w3.to(dt)
+        gates = routing.weights.to(torch.float64 if dt == torch.float64 else torch.float32)
+        y = ScatterMLP.apply(x.to(dt), gates, self.w1.to(dt), w3, self.w2.to(dt),
+                             srt.order, srt.counts, srt.offsets)
+        return y, x.new_zeros((), dtype=torch.int64)

@@ -1,0 +1,291 @@
+"""ScatterMoE-style kernels: gather rows by index into tiles, multiply by each expert's weight, write by index.
+
+Indices (see moe/permute.py): `order [T*k]` holds the flat slot index s = t*k + j at each expert-sorted
+position p; `counts [E]` the rows per expert. A row is *scattered* when it is addressed by slot (input row
+s // k of X [T, K], output row s of Y [T*k, N]) and *grouped* when addressed by sorted position p.
+
+`scatter_mm` computes Y[out(p)] = X[in(p)] @ W[e_p] for every sorted position p, in any of the four layouts.
+Row tiles never straddle experts: expert e gets ceil(counts[e] / BM) tiles, and each program finds its
+expert from `counts` on the device (no host sync); the grid is sized for the worst case
+ceil(T*k / BM) + E tiles and the programs past the last tile exit at once.
+
+Fused epilogues for the expert MLP (EPI):
+    0 plain: Y = acc, times the slot's gate if gates are given (layer 2 with gates, input gradients)
+    1 layer 1 forward: H = acc (pre-activation, kept for backward), A = act(acc)
+    2 layer 2 backward: acc = dout[t] @ W2[e]^T; a = act(H) recomputed, dgates[s] += <a, acc>,
+      Y = dH = gate * acc * act'(H), A = gate * a (the gated activation, ready for dW2)
+With GLU (SwiGLU), a second weight W_2 (= w3) is in play: in EPI 1 it gives a second accumulator
+(H = [h1 | h3], A = silu(h1) * h3); in EPI 2 H = [h1 | h3] and Y = [dh1 | dh3]; in EPI 0 X has 2K columns
+and the product is X[:, :K] @ W + X[:, K:] @ W_2 (the input gradient through w1 and w3).
+
+`group_xty` computes the weight gradient dW[e] = sum_{p in e} X[row(p)]^T dY[row(p)].
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+EPI_PLAIN, EPI_ACT_FWD, EPI_ACT_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+if INTERPRET:  # the interpreter cannot benchmark: one fixed config
+    _MM_CONFIGS = [triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    _XTY_CONFIGS = [triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=1)]
+else:
+    _MM_CONFIGS = [
+        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+    _XTY_CONFIGS = [
+        triton.Config({"BM": 64, "BN": 128, "BK": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 64, "BN": 256, "BK": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 64, "BN": 256, "BK": 128}, num_warps=8, num_stages=4),
+        triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 32, "BN": 128, "BK": 128}, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.jit
+def _gelu_fwd(h):
+    """GELU, tanh approximation: 0.5 h (1 + tanh(u)) = h * sigmoid(2u), u = c (h + 0.044715 h^3)."""
+    return h * tl.sigmoid(2.0 * 0.7978845608028654 * (h + 0.044715 * h * h * h))
+
+
+@triton.jit
+def _gelu_grad(h):
+    s = tl.sigmoid(2.0 * 0.7978845608028654 * (h + 0.044715 * h * h * h))
+    return s + h * s * (1.0 - s) * 2.0 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+
+
+@triton.autotune(configs=_MM_CONFIGS, key=["num_rows", "N", "K", "SCATTER_IN", "SCATTER_OUT", "EPI", "GLU", "GATED"],
+                 reset_to_zero=["DG"])
+@triton.jit
+def _scatter_mm_kernel(
+    X, W, W_2, Y, H, A, G, DG, order_ptr, counts_ptr,
+    num_rows, N, K, top_k,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_hm, stride_am,
+    E: tl.constexpr, E_POW2: tl.constexpr, SCATTER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
+    EPI: tl.constexpr, GLU: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # program -> (row tile, column tile), row tiles grouped by GROUP_M for L2 reuse of W[e]
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_rows, BM) + E
+    num_pid_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+
+    # row tile -> expert e and its sorted rows [start, end)
+    offs_e = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)  # [E]
+    tiles = (cnt + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, 0)
+    if pid_m >= tl.sum(tiles, 0):
+        return
+    e = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
+    sel = offs_e == e
+    end = tl.sum(tl.where(sel, tl.cumsum(cnt, 0), 0), 0)
+    start = end - tl.sum(tl.where(sel, cnt, 0), 0) + (pid_m - tl.sum(tl.where(sel, tile_end - tiles, 0), 0)) * BM
+
+    offs_m = start + tl.arange(0, BM)  # [BM] sorted positions
+    mask_m = offs_m < end
+    if SCATTER_IN or SCATTER_OUT or GATED:
+        slot = tl.load(order_ptr + offs_m, mask=mask_m, other=0)  # [BM] int64 flat slot t*k+j
+    if SCATTER_IN:
+        in_row = slot // top_k
+    else:
+        in_row = offs_m.to(tl.int64)
+    if SCATTER_OUT:
+        out_row = slot
+    else:
+        out_row = offs_m.to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BK)
+
+    # main loop: acc [BM, BN] = X[in_row] @ W[e]
+    x_ptrs = X + in_row[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
+    w_off = e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BK, BN]
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    if GLU and EPI == EPI_ACT_FWD:
+        acc3 = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in range(0, K, BK):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(W + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc)
+        if GLU and EPI == EPI_ACT_FWD:
+            w3 = tl.load(W_2 + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc3 = tl.dot(x, w3, acc3)
+        x_ptrs += BK * stride_xk
+        w_off += BK * stride_wk
+    if GLU and EPI == EPI_PLAIN:  # second pair: X[:, K:2K] @ W_2[e]
+        w_off = e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        x_ptrs = X + in_row[:, None] * stride_xm + (K + offs_k[None, :]) * stride_xk
+        for k0 in range(0, K, BK):
+            mask_k = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W_2 + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(x, w, acc)
+            x_ptrs += BK * stride_xk
+            w_off += BK * stride_wk
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if EPI == EPI_PLAIN:
+        if GATED:
+            acc *= tl.load(G + slot, mask=mask_m, other=0.0)[:, None]
+        tl.store(Y + out_row[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+    elif EPI == EPI_ACT_FWD:  # grouped out: H [rows, N or 2N], A [rows, N]
+        h_ptrs = H + out_row[:, None] * stride_hm + offs_n[None, :]
+        tl.store(h_ptrs, acc.to(H.dtype.element_ty), mask=mask)
+        if GLU:
+            tl.store(h_ptrs + N, acc3.to(H.dtype.element_ty), mask=mask)
+            act = acc * tl.sigmoid(acc) * acc3
+        else:
+            act = _gelu_fwd(acc)
+        tl.store(A + out_row[:, None] * stride_am + offs_n[None, :], act.to(A.dtype.element_ty), mask=mask)
+    else:  # EPI_ACT_BWD, grouped out: acc = dout @ W2^T (ungated), H saved pre-activation
+        h_ptrs = H + out_row[:, None] * stride_hm + offs_n[None, :]
+        h = tl.load(h_ptrs, mask=mask, other=0.0).to(ACC)
+        gate = tl.load(G + slot, mask=mask_m, other=0.0)[:, None]
+        y_ptrs = Y + out_row[:, None] * stride_ym + offs_n[None, :]
+        if GLU:
+            h3 = tl.load(h_ptrs + N, mask=mask, other=0.0).to(ACC)
+            sig = tl.sigmoid(h)
+            silu = h * sig
+            act = silu * h3
+            gacc = acc * gate
+            tl.store(y_ptrs, (gacc * h3 * sig * (1.0 + h * (1.0 - sig))).to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_ptrs + N, (gacc * silu).to(Y.dtype.element_ty), mask=mask)
+        else:
+            act = _gelu_fwd(h)
+            tl.store(y_ptrs, (acc * gate * _gelu_grad(h)).to(Y.dtype.element_ty), mask=mask)
+        tl.atomic_add(DG + slot, tl.sum(act * acc, 1), mask=mask_m)
+        tl.store(A + out_row[:, None] * stride_am + offs_n[None, :], (act * gate).to(A.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_XTY_CONFIGS, key=["num_rows", "N", "K", "X_SCATTERED", "DY_SCATTERED"])
+@triton.jit
+def _group_xty_kernel(
+    X, DY, DW, order_ptr, counts_ptr, ends_ptr,
+    num_rows, N, K, top_k,
+    stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
+    X_SCATTERED: tl.constexpr, DY_SCATTERED: tl.constexpr, ACC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    # program -> (expert e, tile of dW[e] rows (K) and columns (N)), expert outermost so that the programs
+    # running together share e's rows of X and dY in L2; each loops over e's sorted rows
+    pid = tl.program_id(0)
+    num_pid_k, num_pid_n = tl.cdiv(K, BK), tl.cdiv(N, BN)
+    e = pid // (num_pid_k * num_pid_n)
+    offs_k = (pid % num_pid_k) * BK + tl.arange(0, BK)
+    offs_n = (pid // num_pid_k % num_pid_n) * BN + tl.arange(0, BN)
+    mask_k, mask_n = offs_k < K, offs_n < N
+    end = tl.load(ends_ptr + e)
+    start = end - tl.load(counts_ptr + e)
+    acc = tl.zeros((BK, BN), dtype=ACC)
+    for m0 in range(start, end, BM):
+        offs_m = m0 + tl.arange(0, BM)  # [BM] sorted positions
+        mask_m = offs_m < end
+        slot = tl.load(order_ptr + offs_m, mask=mask_m, other=0)  # [BM] int64
+        x_row = slot // top_k if X_SCATTERED else offs_m.to(tl.int64)
+        dy_row = slot // top_k if DY_SCATTERED else offs_m.to(tl.int64)
+        xt = tl.load(X + x_row[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                     mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
+        dy = tl.load(DY + dy_row[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)  # [BM, BN]
+        acc = tl.dot(xt, dy, acc)
+    dw_ptrs = DW + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
+
+
+def _acc_type(x: torch.Tensor):
+    """Accumulate in fp32, or fp64 for fp64 operands (the CPU tests of whole models run in double)."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _launch_mm(x, w, w_2, y, h, a, gates, dgates, order, counts, top_k, num_rows, K, N,
+               scatter_in, scatter_out, epi, glu):
+    E = w.shape[0]
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a variant does not touch
+    # (never `order`: autotuning zeroes DG before each trial)
+    grid = lambda meta: ((triton.cdiv(num_rows, meta["BM"]) + E) * triton.cdiv(N, meta["BN"]),)
+    _scatter_mm_kernel[grid](
+        x, w, dummy if w_2 is None else w_2, dummy if y is None else y, dummy if h is None else h,
+        dummy if a is None else a, dummy if gates is None else gates, dummy if dgates is None else dgates,
+        order, counts, num_rows, N, K, top_k,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        0 if y is None else y.stride(0), 0 if h is None else h.stride(0), 0 if a is None else a.stride(0),
+        E=E, E_POW2=triton.next_power_of_2(E), SCATTER_IN=scatter_in, SCATTER_OUT=scatter_out,
+        EPI=epi.value, GLU=glu, GATED=gates is not None and epi.value == EPI_PLAIN.value, ACC=_acc_type(x),
+    )
+
+
+def scatter_mm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, top_k: int,
+               scattered_in: bool, scattered_out: bool, gates: torch.Tensor | None = None,
+               w_2: torch.Tensor | None = None) -> torch.Tensor:
+    """Y[out(p)] = X[in(p)] @ W[e_p] (+ X[in(p), K:] @ W_2[e_p] when w_2 is given), times gates[slot] if given.
+
+    x: [T, K] if scattered_in else [T*k, K] (grouped; [T*k, 2K] with w_2); w, w_2: [E, K, N] (any strides,
+    so a transposed view serves the input gradient); order [T*k] int64; counts [E] int64; gates [T*k] fp32
+    (needs scattered_out). Returns [T*k, N] in slot order if scattered_out else in sorted order.
+    """
+    num_rows, (E, K, N) = order.numel(), w.shape
+    assert gates is None or scattered_out, "gates need a scattered output"
+    assert scattered_in or x.shape[0] == num_rows, "a grouped input has T*k rows"
+    y = x.new_empty(num_rows, N)
+    _launch_mm(x, w, w_2, y, None, None, gates, None, order, counts, top_k, num_rows, K, N,
+               scattered_in, scattered_out, EPI_PLAIN, w_2 is not None)
+    return y
+
+
+def mlp_in_fwd(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, order: torch.Tensor,
+               counts: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 1 scattered->grouped with the activation fused: x [T, d] -> h [T*k, f] (or [h1 | h3] [T*k, 2f]
+    for SwiGLU, w3 given), a = act(h) [T*k, f], both in sorted order."""
+    num_rows, (E, K, N) = order.numel(), w1.shape
+    h = x.new_empty(num_rows, 2 * N if w3 is not None else N)
+    a = x.new_empty(num_rows, N)
+    _launch_mm(x, w1, w3, None, h, a, None, None, order, counts, top_k, num_rows, K, N,
+               True, False, EPI_ACT_FWD, w3 is not None)
+    return h, a
+
+
+def mlp_out_bwd(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
+                counts: torch.Tensor, top_k: int, glu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through layer 2 and the activation: dout [T, d], w2 [E, f, d], h as from `mlp_in_fwd`,
+    gates [T*k] fp32 (fp64 for fp64 operands) -> dh (shaped like h, sorted), gate * act(h) [T*k, f] (sorted),
+    dgates [T*k] in the gates' dtype."""
+    num_rows, (E, N, K) = order.numel(), w2.shape
+    dh, a = torch.empty_like(h), h.new_empty(num_rows, N)
+    dgates = torch.zeros(num_rows, dtype=gates.dtype, device=h.device)
+    _launch_mm(dout, w2.transpose(1, 2), None, dh, h, a, gates, dgates, order, counts, top_k, num_rows, K, N,
+               True, False, EPI_ACT_BWD, glu)
+    return dh, a, dgates
+
+
+def group_xty(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
+              top_k: int, x_scattered: bool, dy_scattered: bool) -> torch.Tensor:
+    """dW[e] = sum over e's sorted positions p of X[row(p)]^T dY[row(p)] -> [E, K, N].
+
+    row(p) = slot // k for a scattered operand, p for a grouped one; ends = cumsum(counts). Empty experts
+    get zeros."""
+    num_rows, E, K, N = order.numel(), counts.numel(), x.shape[1], dy.shape[1]
+    dw = x.new_empty(E, K, N)
+    grid = lambda meta: (E * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]),)
+    _group_xty_kernel[grid](
+        x, dy, dw, order, counts, ends, num_rows, N, K, top_k,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x),
+    )
+    return dw

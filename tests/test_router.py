@@ -1,0 +1,147 @@
+"""Router: top-k, renormalisation, jitter, load-balance loss (micro-batch and global), z-loss, expert bias,
+metrics and after_step, config validation."""
+import pytest
+import torch
+
+import moe.router as router_mod
+from moe.config import MoEConfig
+from moe.layer import MoELayer
+from moe.router import TopKRouter, load_balance_loss, z_loss
+from train.errors import ConfigError
+
+D = 8
+
+
+def router(E=4, k=2, **kw):
+    cfg = MoEConfig(num_experts=E, top_k=k, **kw)
+    cfg.validate()
+    torch.manual_seed(0)
+    return TopKRouter(cfg, D, 0.5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_topk_weights_are_probabilities_in_fp32(k):
+    r = router(4, k)
+    x = torch.randn(6, D, dtype=torch.bfloat16)
+    out = r(x)
+    assert out.probs.dtype == torch.float32 and out.expert_ids.shape == (6, k)
+    torch.testing.assert_close(out.weights, out.probs.gather(1, out.expert_ids))
+    assert torch.all(out.weights[:, :-1] >= out.weights[:, 1:])  # descending
+    assert out.stats["counts"].sum().item() == 6 * k
+
+
+def test_renormalize():
+    out = router(4, 2, renormalize=True)(torch.randn(5, D))
+    torch.testing.assert_close(out.weights.sum(1), torch.ones(5))
+
+
+def test_jitter_only_in_training():
+    r = router(jitter_eps=0.5)
+    x = torch.randn(5, D)
+    r.eval()
+    torch.testing.assert_close(r(x).probs, torch.softmax(x @ r.weight.t(), -1))
+    r.train()
+    assert not torch.allclose(r(x).probs, torch.softmax(x @ r.weight.t(), -1))
+
+
+def test_load_balance_and_z_loss_values():
+    E = 4
+    uniform = torch.full((8, E), 1 / E)
+    assert load_balance_loss(uniform, torch.tensor([4, 4, 4, 4])).item() == pytest.approx(1.0)
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    # f = [1, 0, 0, 0], P = [.7, .1, .1, .1] -> 4 * .7
+    assert load_balance_loss(probs, torch.tensor([2, 0, 0, 0])).item() == pytest.approx(2.8)
+    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    expect = (torch.log(torch.tensor(2.0)) ** 2 + (1 + torch.log(torch.tensor(2.0))) ** 2) / 2
+    assert z_loss(logits).item() == pytest.approx(expect.item())
+
+
+def test_global_aux_scope_accumulates_over_micro_batches_and_group(monkeypatch):
+    calls = []
+
+    def fake_all_reduce(t, group=None):  # two data-parallel ranks with identical counts
+        calls.append(group)
+        return t.mul_(2)
+
+    monkeypatch.setattr(router_mod, "all_reduce_sum", fake_all_reduce)
+    cfg = MoEConfig(num_experts=4, top_k=1, aux_loss_scope="global")
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, D, 16, "gelu", 0.5, 0.5)
+    layer.group = "dp-group"
+    x1, x2 = torch.randn(1, 6, D), torch.randn(1, 5, D)
+    layer.eval()  # the routing of each micro-batch, without accumulating
+    out1, out2 = layer.router(x1[0]), layer.router(x2[0])
+    layer.train()
+    _, aux1, _ = layer(x1)
+    _, aux2, _ = layer(x2)
+    assert calls == ["dp-group", "dp-group"]
+    total = 2 * (out1.stats["counts"] + out2.stats["counts"])  # both micro-batches, both ranks
+    torch.testing.assert_close(aux1, load_balance_loss(out1.probs, 2 * out1.stats["counts"]))
+    torch.testing.assert_close(aux2, load_balance_loss(out2.probs, total))
+    layer.train()
+    layer.after_step()
+    assert layer.router.global_counts.sum() == 0 and layer.router.step_counts.sum() == 0
+
+
+def test_micro_batch_scope_uses_this_call_only():
+    r = router(4, 2)
+    r.train()
+    x = torch.randn(7, D)
+    r(torch.randn(5, D))
+    out = r(x)
+    torch.testing.assert_close(out.aux_loss, load_balance_loss(out.probs, out.stats["counts"]))
+
+
+def test_expert_bias_moves_load_and_leaves_weights_unbiased():
+    cfg = MoEConfig(num_experts=4, top_k=1, expert_bias_rate=0.01, aux_loss_weight=0.0)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, D, 16, "gelu", 0.5, 0.5)
+    with torch.no_grad():
+        layer.router.weight[3] += 0.2  # a skewed router: one expert takes most tokens
+    x = torch.randn(1, 64, D).abs()
+    loads = []
+    for _ in range(40):
+        out = layer.router(x[0])
+        torch.testing.assert_close(out.weights, out.probs.gather(1, out.expert_ids))  # unbiased weights
+        loads.append(out.stats["counts"].float())
+        layer.after_step()
+    busiest = loads[0].argmax()
+    late = torch.stack(loads[-10:]).mean(0)
+    assert late[busiest] < 0.6 * loads[0][busiest]  # the overloaded expert sheds load
+    assert late.max() / late.mean() < 0.5 * loads[0].max() / loads[0].mean()  # balance improves
+    assert layer.router.expert_bias[busiest] == layer.router.expert_bias.min() < 0
+    assert "router.expert_bias" in layer.state_dict()
+
+
+def test_metrics_accumulate_over_calls_and_skip_eval():
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_bias_rate=1e-3)
+    layer = MoELayer(cfg, D, 16, "gelu", 0.5, 0.5)
+    layer.router.expert_bias.copy_(torch.tensor([10.0, 5.0, 0, 0]))  # every token on experts 0 and 1
+    layer(torch.randn(1, 6, D))  # counts [6, 6, 0, 0]
+    layer.router.expert_bias.copy_(torch.tensor([10.0, 0, 5.0, 5.0]))
+    layer(torch.randn(1, 2, D))  # expert 0 gets 2, experts 2/3 share 2
+    layer.eval()
+    layer(torch.randn(1, 9, D))  # not counted
+    m = layer.read_metrics()
+    assert m["tokens_max"].item() == pytest.approx((6 + 2) / 2)
+    assert m["tokens_mean"].item() == pytest.approx((3 + 1) / 2)
+    assert m["idle_frac"].item() >= 0.5 / 2
+    assert m["dropped_frac"].item() == 0 and m["aux_loss"].item() > 0
+    assert set(m) >= {"tokens_max", "tokens_mean", "max_over_mean", "idle_frac", "dropped_frac", "aux_loss",
+                      "z_loss"}
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"top_k": 5}, "moe.top_k"),
+    ({"aux_loss_scope": "batch"}, "moe.aux_loss_scope"),
+    ({"router_type": "sparsemixer", "top_k": 3}, "moe.top_k"),
+    ({"router_type": "sparsemixer"}, "moe.jitter_eps"),
+    ({"router_type": "sparsemixer", "jitter_eps": 0.1, "renormalize": True}, "moe.renormalize"),
+    ({"rectify_fill": True}, "moe.rectify_intra"),
+    ({"backend": "nope"}, "moe.backend"),
+])
+def test_config_errors_name_the_key(overrides, key):
+    cfg = MoEConfig(num_experts=4, **overrides)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert err.value.key == key

@@ -1,0 +1,182 @@
+"""The scatter backend's Triton kernels under the interpreter, against torch and the reference backend."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (tests run on CPU)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moe.config import MoEConfig  # noqa: E402
+from moe.experts.reference import ReferenceExperts  # noqa: E402
+from moe.experts.scatter import ScatterExperts  # noqa: E402
+from moe.kernels import scatter as K  # noqa: E402
+from moe.permute import sort_by_expert  # noqa: E402
+from moe.routing import Routing  # noqa: E402
+
+
+def _random_ids(T, k, E, allowed=None):
+    """[T, k] distinct experts per token, drawn from `allowed` (default all)."""
+    allowed = torch.arange(E) if allowed is None else torch.as_tensor(allowed)
+    return torch.stack([allowed[torch.randperm(len(allowed))[:k]] for _ in range(T)])
+
+
+def _mm_reference(x, w, ids, k, scattered_in, scattered_out, gates=None, w_2=None):
+    """Row-by-row meaning of scatter_mm, in float64."""
+    srt = sort_by_expert(ids, w.shape[0])
+    x, w = x.double(), w.double()
+    xin = x[srt.order // k] if scattered_in else x  # [T*k, K or 2K] sorted
+    Kd = w.shape[1]
+    y = torch.einsum("pk,pkn->pn", xin[:, :Kd], w[srt.expert_of])
+    if w_2 is not None:
+        y = y + torch.einsum("pk,pkn->pn", xin[:, Kd:], w_2.double()[srt.expert_of])
+    if gates is not None:
+        y = y * gates.reshape(-1)[srt.order].double()[:, None]
+    if not scattered_out:
+        return y
+    out = torch.empty_like(y)
+    out[srt.order] = y
+    return out
+
+
+@pytest.mark.parametrize("scattered_in,scattered_out", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scatter_mm_layouts(scattered_in, scattered_out, dtype):
+    T, Kd, N, E = 50, 80, 72, 6
+    k = 2 if scattered_in else 1  # a grouped input has its rows already expanded
+    ids = _random_ids(T, k, E, allowed=[0, 1, 3, 4, 5])  # expert 2 empty
+    srt = sort_by_expert(ids, E)
+    x = torch.randn(T if scattered_in else T * k, Kd).to(dtype)
+    w = (torch.randn(E, Kd, N) / Kd ** 0.5).to(dtype)
+    gates = torch.rand(T, k) if scattered_out else None
+    y = K.scatter_mm(x, w, srt.order, srt.counts, k, scattered_in, scattered_out,
+                     gates=None if gates is None else gates.reshape(-1))
+    ref = _mm_reference(x, w, ids, k, scattered_in, scattered_out, gates)
+    assert y.shape == ref.shape and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+
+
+def test_scatter_mm_pair_and_transposed_weight():
+    """The SwiGLU input gradient: grouped [T*k, 2K] input, transposed weight views, two products summed."""
+    T, Kd, N, E, k = 40, 70, 90, 4, 2
+    ids = _random_ids(T, k, E)
+    srt = sort_by_expert(ids, E)
+    x = torch.randn(T * k, 2 * Kd)
+    w, w_2 = torch.randn(E, N, Kd), torch.randn(E, N, Kd)
+    y = K.scatter_mm(x, w.transpose(1, 2), srt.order, srt.counts, k, False, True, w_2=w_2.transpose(1, 2))
+    ref = _mm_reference(x, w.transpose(1, 2), ids, k, False, True, w_2=w_2.transpose(1, 2))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_scattered,dy_scattered", [(True, False), (False, True)])
+def test_group_xty(x_scattered, dy_scattered):
+    T, Kd, N, E, k = 60, 72, 100, 5, 2
+    ids = _random_ids(T, k, E, allowed=[0, 2, 3, 4])  # expert 1 empty: its gradient must be written as zeros
+    srt = sort_by_expert(ids, E)
+    x = torch.randn(T if x_scattered else T * k, Kd)
+    dy = torch.randn(T if dy_scattered else T * k, N)
+    dw = K.group_xty(x, dy, srt.order, srt.counts, srt.offsets, k, x_scattered, dy_scattered)
+    xs = x[srt.order // k] if x_scattered else x
+    dys = dy[srt.order // k] if dy_scattered else dy
+    ref = torch.zeros(E, Kd, N, dtype=torch.float64)
+    ref.index_add_(0, srt.expert_of, xs.double()[:, :, None] * dys.double()[:, None, :])
+    assert dw[1].abs().max() == 0
+    torch.testing.assert_close(dw.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def _pair(E, d, f, activation):
+    cfg = MoEConfig(num_experts=E, backend="scatter", block_size=64)
+    ref = ReferenceExperts(cfg, E, d, f, activation, init_std=0.1, output_std=0.1)
+    ours = ScatterExperts(cfg, E, d, f, activation, init_std=0.1, output_std=0.1)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+CASES = {  # name: (T, d, f, E, k, allowed experts or None)
+    "basic_k2": (45, 72, 100, 6, 2, None),
+    "empty_expert": (50, 64, 80, 5, 1, [0, 1, 2, 4]),
+    "one_expert_gets_all": (90, 48, 70, 4, 1, [2]),
+    "k_equals_E": (30, 40, 72, 3, 3, None),
+    "E1": (33, 50, 64, 1, 1, None),
+    "T1": (1, 64, 128, 4, 2, None),
+}
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_reference(case, activation):
+    T, d, f, E, k, allowed = CASES[case]
+    ref, ours = _pair(E, d, f, activation)
+    x = torch.randn(T, d, requires_grad=True)
+    weights = torch.rand(T, k, requires_grad=True)
+    routing = Routing(_random_ids(T, k, E, allowed), weights, torch.full((T, E), 1.0 / E),
+                      torch.zeros(()), torch.zeros(()), E)
+    y_ref, _ = ref(x, routing)
+    y, dropped = ours(x, routing)
+    assert dropped.item() == 0 and dropped.dtype == torch.int64
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(y)
+    inputs = [x, weights, ours.w1, ours.w2] + ([ours.w3] if activation == "swiglu" else [])
+    ref_inputs = [x, weights, ref.w1, ref.w2] + ([ref.w3] if activation == "swiglu" else [])
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, dy)
+    for name, g, g_ref in zip(["x", "weights", "w1", "w2", "w3"], grads, grads_ref):
+        assert g.shape == g_ref.shape, name
+        scale = g_ref.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(g / scale, g_ref / scale, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_fp64_accumulates_in_fp64():
+    T, d, f, E, k = 45, 40, 72, 4, 2
+    ref, ours = _pair(E, d, f, "swiglu")
+    ref.double(), ours.double()
+    x = torch.randn(T, d, dtype=torch.float64, requires_grad=True)
+    routing = Routing(_random_ids(T, k, E), torch.rand(T, k, dtype=torch.float64, requires_grad=True),
+                      torch.full((T, E), 1.0 / E), torch.zeros(()), torch.zeros(()), E)
+    y_ref, y = ref(x, routing)[0], ours(x, routing)[0]
+    dy = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, [x, routing.weights, ours.w1, ours.w2, ours.w3], dy),
+                        torch.autograd.grad(y_ref, [x, routing.weights, ref.w1, ref.w2, ref.w3], dy)):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["half_module", "autocast"])
+def test_fp16_backend_close_to_fp32_reference(how):
+    T, d, f, E, k = 64, 64, 96, 4, 2
+    ref, ours = _pair(E, d, f, "gelu")
+    x = torch.randn(T, d, requires_grad=True)
+    routing = Routing(_random_ids(T, k, E), torch.rand(T, k), torch.full((T, E), 1.0 / E),
+                      torch.zeros(()), torch.zeros(()), E)
+    y_ref, _ = ref(x, routing)
+    if how == "half_module":
+        y, _ = ours.half()(x.half(), routing)
+    else:  # fp32 parameters and input, fp16 compute; the weight gradient comes back in fp32
+        with torch.autocast("cpu", dtype=torch.float16):
+            y, _ = ours(x, routing)
+        y.float().sum().backward()
+        assert ours.w1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert y.dtype == torch.float16
+    assert ((y.float() - y_ref).norm() / y_ref.norm()).item() < 5e-3
+
+
+def test_no_tokens():
+    ref, ours = _pair(3, 16, 24, "swiglu")
+    x = torch.randn(0, 16, requires_grad=True)
+    weights = torch.rand(0, 2, requires_grad=True)
+    routing = Routing(torch.zeros(0, 2, dtype=torch.int64), weights, torch.zeros(0, 3), torch.zeros(()),
+                      torch.zeros(()), 3)
+    y, _ = ours(x, routing)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
+
+
+def test_cpu_without_interpreter_fails_clearly(monkeypatch):
+    ref, ours = _pair(2, 8, 8, "gelu")
+    monkeypatch.setattr(K, "INTERPRET", False)
+    routing = Routing(torch.zeros(4, 1, dtype=torch.int64), torch.ones(4, 1), torch.ones(4, 2) / 2,
+                      torch.zeros(()), torch.zeros(()), 2)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ours(torch.randn(4, 8), routing)
