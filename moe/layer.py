@@ -8,7 +8,7 @@ are summed (None: the default group; a no-op in one process). The parallelism se
 Metrics: accumulated on the device during training (no host sync) and read by the trainer once per log
 interval with `read_metrics()`, which resets them. Per call: max and mean assignments per expert, fraction of
 idle experts; over the interval: dropped fraction of assignments, mean aux and z losses.
-`after_step()` (after each optimizer step): expert-bias update, per-step accumulators reset.
+`after_step(applied)` (after each optimizer step): expert-bias update, per-step accumulators reset.
 """
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ class MoELayer(nn.Module):
         self.sums.zero_()
         return out
 
-    def after_step(self) -> None:
-        self.router.update_bias(self.group)
+    def after_step(self, applied: bool = True) -> None:
+        """After each optimizer step (applied=False: a skipped, non-finite step): expert-bias update from the
+        step's loads when the step was applied; the per-step counts are cleared either way."""
+        if applied:
+            self.router.update_bias(self.group)
         self.router.reset_step()

@@ -40,7 +40,7 @@ def combine(y_flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     faster than the [T,1,k] x [T,k,d] batched matmul at small widths.
     """
     T, k = weights.shape
-    y_TKD = y_flat.view(T, k, -1)
+    y_TKD = y_flat.view(T, k, y_flat.shape[-1])  # explicit width: T may be 0 (a rank with no tokens)
     return (y_TKD * weights.to(y_flat.dtype).unsqueeze(-1)).sum(1)
 
 

@@ -174,3 +174,27 @@ def test_layer_reports_dropped_fraction():
     assert m["tokens_max"].item() == 8 and m["tokens_mean"].item() == 2 and m["idle_frac"].item() == 0.75
     assert m["max_over_mean"].item() == 4
     assert layer.read_metrics()["dropped_frac"].item() == 0  # reset by the read
+
+
+@pytest.mark.parametrize("backend,kw", [("reference", {})] + DROPLESS, ids=["reference", "grouped", "padded-cf0",
+                                                                            "padded-bigcf"])
+def test_no_tokens(backend, kw):
+    """A rank that holds no tokens (expert parallelism) gets an empty output, and backward still runs."""
+    layer = make_layer(backend, 4, 2, **kw)
+    x = torch.zeros(0, 3, D, dtype=torch.float64, requires_grad=True)
+    y, aux, z = layer(x)
+    assert y.shape == (0, 3, D)
+    (y.sum() + 0 * aux.nan_to_num() + 0 * z.nan_to_num()).backward()
+    assert x.grad.shape == x.shape
+
+
+def test_skipped_step_clears_counts_without_moving_bias():
+    layer = make_layer("reference", 4, 1, expert_bias_rate=0.1, aux_loss_scope="global")
+    layer(torch.randn(2, 5, D, dtype=torch.float64))
+    assert layer.router.step_counts.sum() == 10 and layer.router.global_counts.sum() == 10
+    layer.after_step(applied=False)
+    assert layer.router.step_counts.sum() == 0 and layer.router.global_counts.sum() == 0
+    assert torch.count_nonzero(layer.router.expert_bias) == 0
+    layer(torch.randn(2, 5, D, dtype=torch.float64))
+    layer.after_step(applied=True)
+    assert torch.count_nonzero(layer.router.expert_bias) > 0

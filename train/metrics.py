@@ -11,7 +11,8 @@ from pathlib import Path
 
 CONSOLE_KEYS = [("step", "{:d}"), ("loss", "{:.4f}"), ("lm_loss", "{:.4f}"), ("aux_loss", "{:.4f}"),
                 ("z_loss", "{:.3f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"),
-                ("tflops", "{:.1f}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}")]
+                ("tflops", "{:.1f}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}"),
+                ("val_loss", "{:.4f}")]
 
 
 class MetricsLogger:

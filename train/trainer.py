@@ -65,13 +65,14 @@ class Trainer:
         sums = self.grad_sync.average(sums)  # means over the data-parallel ranks: every rank skips alike
         grad_norm = self.grad_sync.finish(self.cfg.train.clip_grad)  # wait for the reduction, clip (0: off)
         sums["grad_norm"] = grad_norm
-        if torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm):
+        applied = bool(torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm))  # the step's one host sync
+        if applied:
             self.optimizer.step()
             self.skipped_in_row = 0
-            for m in self.model.modules():
-                if hasattr(m, "after_step"):
-                    m.after_step()
-        else:
+        for m in self.model.modules():  # per-step state of the MoE layers (expert bias, global aux counts)
+            if hasattr(m, "after_step"):
+                m.after_step(applied)
+        if not applied:
             self.skipped_in_row += 1
             self.report_skip(sums)
         self.optimizer.zero_grad(set_to_none=True)
