@@ -30,3 +30,16 @@ def test_tiny_loss_falls_and_metrics_schema(tmp_path, capsys):
     assert "val_loss" in records[-1] and records[-1]["val_loss"] < records[0]["loss"]
     assert (run / "config.yaml").exists()
     assert "loss" in capsys.readouterr().out
+
+
+def test_wandb_offline_and_tensorboard(tmp_path, monkeypatch):
+    """logging.wandb without an API key runs offline (no network, no hang); TensorBoard writes event files."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "run"
+    code = pretrain.main(["--config", "configs/tiny.yaml", "train.steps=2", "train.log_interval=1",
+                          "train.eval_interval=0", f"logging.run_dir={run}", "checkpoint.save=false",
+                          "logging.wandb=true", "logging.tensorboard=true"])
+    assert code == 0
+    assert list((run / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))

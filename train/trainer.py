@@ -107,7 +107,7 @@ class Trainer:
         t = self.cfg.train
         losses = [self.forward(b)[1]["lm"] for b in self.data.valid_batches(t.micro_batch_size, t.eval_batches)]
         self.model.train()
-        return torch.stack(losses).mean().item()
+        return self.grad_sync.average({"val": torch.stack(losses).mean()})["val"].item()  # over dp shards
 
     def run(self) -> list[dict]:
         t = self.cfg.train
