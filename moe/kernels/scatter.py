@@ -123,10 +123,10 @@ def _scatter_mm_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(W + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, out_dtype=ACC)
         if GLU and EPI == EPI_ACT_FWD:
             w3 = tl.load(W_2 + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc3 = tl.dot(x, w3, acc3)
+            acc3 = tl.dot(x, w3, acc3, out_dtype=ACC)
         x_ptrs += BK * stride_xk
         w_off += BK * stride_wk
     if GLU and EPI == EPI_PLAIN:  # second pair: X[:, K:2K] @ W_2[e]
@@ -136,7 +136,7 @@ def _scatter_mm_kernel(
             mask_k = offs_k < K - k0
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(W_2 + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, w, acc, out_dtype=ACC)
             x_ptrs += BK * stride_xk
             w_off += BK * stride_wk
 
@@ -204,7 +204,7 @@ def _group_xty_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
         dy = tl.load(DY + dy_row[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)  # [BM, BN]
-        acc = tl.dot(xt, dy, acc)
+        acc = tl.dot(xt, dy, acc, out_dtype=ACC)
     dw_ptrs = DW + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
