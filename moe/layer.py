@@ -6,7 +6,7 @@ x [B, S, d] -> y [B, S, d], plus the unweighted aux and z losses of this call.
 are summed (None: the default group; a no-op in one process). The parallelism setup assigns it.
 
 Metrics: accumulated on the device during training (no host sync) and read by the trainer once per log
-interval with `read_metrics()`, which resets them. Per call: max and mean assignments per expert, fraction of
+interval with `read_metrics()` (summed over the data-parallel `group`), which resets them. Per call: max and mean assignments per expert, fraction of
 idle experts; over the interval: dropped fraction of assignments, mean aux and z losses.
 `after_step(applied)` (after each optimizer step): expert-bias update, per-step accumulators reset.
 """
@@ -18,6 +18,7 @@ from torch import nn
 from moe.config import MoEConfig
 from moe.experts import backend_class
 from moe.router import TopKRouter
+from parallel.comm import all_reduce_sum
 
 METRICS = ("tokens_max", "tokens_mean", "idle_frac", "aux_loss", "z_loss", "dropped", "assignments", "calls")
 
@@ -54,8 +55,9 @@ class MoELayer(nn.Module):
         return y_TD.view_as(x), routing.aux_loss, routing.z_loss
 
     def read_metrics(self) -> dict[str, torch.Tensor]:
-        """Metrics since the last read, as 0-d device tensors; resets the accumulators."""
-        s = dict(zip(METRICS, self.sums.clone()))
+        """Metrics since the last read over every data-parallel rank (summed over `group`: a collective, so every
+        rank calls it together), as 0-d device tensors; resets the accumulators."""
+        s = dict(zip(METRICS, all_reduce_sum(self.sums.clone(), self.group)))
         calls = s["calls"].clamp(min=1)
         out = {key: s[key] / calls for key in ("tokens_max", "tokens_mean", "idle_frac", "aux_loss", "z_loss")}
         out["max_over_mean"] = s["tokens_max"] / s["tokens_mean"].clamp(min=1e-9)

@@ -91,6 +91,9 @@ def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> No
         sync.begin_backward(last=i == ACCUMULATION - 1)
         (loss / ACCUMULATION).backward()
         local_loss += loss.detach() / ACCUMULATION
+    got, want = model.moe_layers()[0].read_metrics(), ref.moe_layers()[0].read_metrics()
+    for key in want:  # expert load, dropped fraction, aux and z: over every data-parallel rank
+        _close(got[key], want[key], f"MoE metric {key}")
     mean = sync.average({"loss": local_loss})
     norm = sync.finish(max_norm=0)
     _close(mean["loss"], ref_loss, "loss")

@@ -83,9 +83,10 @@ class Trainer:
         """Print the skipped step and its suspects; stop the run with TrainingDiverged after train.max_skipped
         in a row."""
         vals = {k: float(v) for k, v in sums.items()}
+        suspects = self.skip_suspects(vals)  # on every rank: reading the MoE metrics is a collective
         if self.ps.is_main:
             print(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.skipped_in_row} in a "
-                  f"row): {vals}; suspects: {'; '.join(self.skip_suspects(vals)) or 'none found'}", flush=True)
+                  f"row): {vals}; suspects: {'; '.join(suspects) or 'none found'}", flush=True)
         if self.skipped_in_row >= self.cfg.train.max_skipped:
             raise TrainingDiverged(f"{self.skipped_in_row} non-finite steps in a row (train.max_skipped="
                                    f"{self.cfg.train.max_skipped}) up to step {self.step + 1}; stopping without "
