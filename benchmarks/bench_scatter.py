@@ -27,13 +27,8 @@ from moe.experts.scatter import ScatterExperts  # noqa: E402
 from moe.kernels import scatter as K  # noqa: E402
 from moe.permute import sort_by_expert  # noqa: E402
 from moe.routing import Routing  # noqa: E402
+from benchmarks.bench_moe import SHAPES  # noqa: E402  (name: (T, d, f, E, k))
 
-SHAPES = {  # name: (T, d, f, E, k)
-    "S1": (32768, 512, 2048, 64, 1),
-    "S2": (16384, 1024, 4096, 64, 1),
-    "S3": (8192, 4096, 14336, 8, 2),
-    "S4": (16384, 2048, 1024, 64, 8),
-}
 
 
 def bench(fn, grad_to_none=None) -> float:
