@@ -23,7 +23,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe.config import MoEConfig  # noqa: E402
 from moe.experts.reference import ReferenceExperts  # noqa: E402
-from moe.experts.scatter import ScatterExperts  # noqa: E402
+from moe.experts.scatter import ScatterExperts, grouped_mm_pays, xty  # noqa: E402
 from moe.kernels import scatter as K  # noqa: E402
 from moe.permute import sort_by_expert  # noqa: E402
 from moe.routing import Routing  # noqa: E402
@@ -141,19 +141,22 @@ def run_shape(name, dev, do_check, act) -> dict:
         w3 = ours.w3.detach() if glu else None
         w3t = w3.transpose(1, 2) if glu else None
         srt = sort_by_expert(routing.expert_ids, E)
-        order0 = srt.order.clone()
+        order0, tokens, gmm = srt.order.clone(), srt.order // k, grouped_mm_pays(dy, d, f)
+        res["weight_grads_via"] = "torch._grouped_mm" if gmm else "group_xty"
         g = routing.weights.reshape(-1).float().contiguous()
         h, act = K.mlp_in_fwd(x, w1, w3, srt.order, srt.counts, k)
         y = K.scatter_mm(act, w2, srt.order, srt.counts, k, False, True, gates=g)
-        dh, _, _ = K.mlp_out_bwd(dy, w2, h, g, srt.order, srt.counts, k, glu)
+        da = K.scatter_mm(dy, w2.transpose(1, 2), srt.order, srt.counts, k, True, False)
+        dh, _, _ = K.act_bwd(da, h, g, srt.order)
         steps = {  # GEMM-kernel entries count one GEMM of FLOPs (two for the SwiGLU L1 fwd, dw1+dw3 and dx)
             "sort": lambda: sort_by_expert(routing.expert_ids, E),
             "L1 fwd x@w1 +act (h,a)": lambda: K.mlp_in_fwd(x, w1, w3, srt.order, srt.counts, k),
             "L2 fwd a@w2 *gate": lambda: K.scatter_mm(act, w2, srt.order, srt.counts, k, False, True, gates=g),
             "sum over k (fwd)": (lambda: y.view(T, k, d).sum(1)) if k > 1 else None,
-            "bwd dout@w2^T +act' +dgates": lambda: K.mlp_out_bwd(dy, w2, h, g, srt.order, srt.counts, k, glu),
-            "bwd dw2 ((g a)^T dout)": lambda: K.group_xty(act, dy, srt.order, srt.counts, srt.offsets, k, False, True),
-            "bwd dw1 (x^T dh)": lambda: K.group_xty(x, dh[:, :f], srt.order, srt.counts, srt.offsets, k, True, False),
+            "bwd da = dout@w2^T": lambda: K.scatter_mm(dy, w2.transpose(1, 2), srt.order, srt.counts, k, True, False),
+            "bwd act' dgates (elementwise)": lambda: K.act_bwd(da, h, g, srt.order),
+            "bwd dw2 ((g a)^T dout)": lambda: xty(act, dy, tokens, srt.counts, srt.offsets, False, True, gmm),
+            "bwd dw1 (x^T dh)": lambda: xty(x, dh[:, :f], tokens, srt.counts, srt.offsets, True, False, gmm),
             "bwd dx (dh@w1^T)": lambda: K.scatter_mm(dh, w1.transpose(1, 2), srt.order, srt.counts, k, False, True,
                                                      w_2=w3t),
             "sum over k (bwd)": (lambda: y.view(T, k, d).sum(1)) if k > 1 else None,

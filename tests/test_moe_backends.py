@@ -198,3 +198,22 @@ def test_skipped_step_clears_counts_without_moving_bias():
     layer(torch.randn(2, 5, D, dtype=torch.float64))
     layer.after_step(applied=True)
     assert torch.count_nonzero(layer.router.expert_bias) > 0
+
+
+@pytest.mark.parametrize("ids", [
+    torch.randint(0, 7, (50, 2)),  # random, some experts likely empty
+    torch.full((20, 1), 3),  # all assignments on one expert
+    torch.tensor([[6, 0], [0, 6], [6, 0]]),  # only the first and last experts
+    torch.zeros((0, 2), dtype=torch.int64),  # no tokens
+], ids=["random", "one_expert", "ends_only", "empty"])
+def test_sort_by_expert_is_a_stable_counting_sort(ids):
+    from moe.permute import sort_by_expert
+
+    E, flat = 7, ids.reshape(-1)
+    s = sort_by_expert(ids, E)
+    ref_order = torch.sort(flat, stable=True).indices  # int64 keys: the plain definition
+    counts = torch.bincount(flat, minlength=E)
+    assert torch.equal(s.order, ref_order)
+    assert torch.equal(s.expert_of.long(), flat[ref_order])
+    assert s.counts.dtype == s.offsets.dtype == torch.int64
+    assert torch.equal(s.counts, counts) and torch.equal(s.offsets, torch.cumsum(counts, 0))

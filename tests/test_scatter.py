@@ -26,9 +26,9 @@ def _mm_reference(x, w, ids, k, scattered_in, scattered_out, gates=None, w_2=Non
     x, w = x.double(), w.double()
     xin = x[srt.order // k] if scattered_in else x  # [T*k, K or 2K] sorted
     Kd = w.shape[1]
-    y = torch.einsum("pk,pkn->pn", xin[:, :Kd], w[srt.expert_of])
+    y = torch.einsum("pk,pkn->pn", xin[:, :Kd], w[srt.expert_of.long()])
     if w_2 is not None:
-        y = y + torch.einsum("pk,pkn->pn", xin[:, Kd:], w_2.double()[srt.expert_of])
+        y = y + torch.einsum("pk,pkn->pn", xin[:, Kd:], w_2.double()[srt.expert_of.long()])
     if gates is not None:
         y = y * gates.reshape(-1)[srt.order].double()[:, None]
     if not scattered_out:
@@ -70,18 +70,35 @@ def test_scatter_mm_pair_and_transposed_weight():
 
 @pytest.mark.parametrize("x_scattered,dy_scattered", [(True, False), (False, True)])
 def test_group_xty(x_scattered, dy_scattered):
-    T, Kd, N, E, k = 60, 72, 100, 5, 2
+    T, Kd, N, E, k = 60, 200, 100, 5, 2  # 4 x 2 tiles of dW[e] in groups of 3 row tiles: one group partial
     ids = _random_ids(T, k, E, allowed=[0, 2, 3, 4])  # expert 1 empty: its gradient must be written as zeros
     srt = sort_by_expert(ids, E)
     x = torch.randn(T if x_scattered else T * k, Kd)
     dy = torch.randn(T if dy_scattered else T * k, N)
-    dw = K.group_xty(x, dy, srt.order, srt.counts, srt.offsets, k, x_scattered, dy_scattered)
+    dw = K.group_xty(x, dy, srt.order // k, srt.counts, srt.offsets, x_scattered, dy_scattered)
     xs = x[srt.order // k] if x_scattered else x
     dys = dy[srt.order // k] if dy_scattered else dy
     ref = torch.zeros(E, Kd, N, dtype=torch.float64)
-    ref.index_add_(0, srt.expert_of, xs.double()[:, :, None] * dys.double()[:, None, :])
+    ref.index_add_(0, srt.expert_of.long(), xs.double()[:, :, None] * dys.double()[:, None, :])
     assert dw[1].abs().max() == 0
     torch.testing.assert_close(dw.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_scattered,dy_scattered", [(True, False), (False, True)])
+def test_weight_gradient_through_grouped_mm_equals_kernel(x_scattered, dy_scattered):
+    """The torch._grouped_mm route of the weight gradients (wide experts on CUDA) against the Triton kernel,
+    with an empty expert; fp32 on CPU (torch._grouped_mm wants 16-byte strides: widths multiple of 4)."""
+    from moe.experts.scatter import xty
+
+    T, Kd, N, E, k = 40, 64, 96, 5, 2
+    ids = _random_ids(T, k, E, allowed=[0, 1, 3, 4])  # expert 2 empty
+    srt = sort_by_expert(ids, E)
+    x = torch.randn(T if x_scattered else T * k, Kd)
+    dy = torch.randn(T if dy_scattered else T * k, N)
+    args = (x, dy, srt.order // k, srt.counts, srt.offsets, x_scattered, dy_scattered)
+    dw = xty(*args, grouped_mm=True)
+    assert dw.shape == (E, Kd, N) and dw[2].abs().max() == 0
+    torch.testing.assert_close(dw, xty(*args, grouped_mm=False), rtol=1e-5, atol=1e-4)
 
 
 def _pair(E, d, f, activation):

@@ -2,12 +2,13 @@
 
 No padded or grouped copy of x exists in forward or backward: kernels read x and dout rows by index.
 Saved for backward: x [T, d], the pre-activation h [T*k, f] ([T*k, 2f] for SwiGLU), the gates and the
-sort (order, counts); the activation is recomputed in the backward kernel's epilogue.
+sort (order, counts); the activation is recomputed in backward.
 
 Backward, with dout [T, d] (s = slot of sorted position p, t = s // k, g = gates[s]):
-    acc[p] = dout[t] @ w2[e]^T;  a = act(h);  dgates[s] = <a[p], acc[p]> (= <y_exp[s], dout[t]>);
-    dh[p] = g * acc[p] * act'(h[p]);  ga[p] = g * a[p]          (one kernel: mlp_out_bwd)
-    dw2[e] = sum_p ga[p]^T dout[t];  dw1[e] = sum_p x[t]^T dh[p]  (group_xty)
+    da[p] = dout[t] @ w2[e]^T                                    (scatter_mm scattered->grouped)
+    a = act(h);  dgates[s] = <a[p], da[p]> (= <y_exp[s], dout[t]>);
+    dh[p] = g * da[p] * act'(h[p]);  ga[p] = g * a[p]            (act_bwd, one pass over the rows)
+    dw2[e] = sum_p ga[p]^T dout[t];  dw1[e] = sum_p x[t]^T dh[p]  (group_xty, or torch._grouped_mm: see xty)
     dx[t] = sum_j dh[p(t, j)] @ w1[e]^T                          (scatter_mm grouped->scattered)
 """
 from __future__ import annotations
@@ -18,6 +19,31 @@ from moe.experts.base import Experts, compute_dtype
 from moe.kernels import scatter as K
 from moe.permute import sort_by_expert
 from moe.routing import Routing
+
+
+# torch._grouped_mm (CUTLASS) computes the weight gradients faster than our XᵀdY kernel once the experts are
+# wide enough to pay for gathering the scattered operand ([T*k, d] rows, a transient in backward only).
+# dW1 + dW2 on an H100, ms (benchmarks/results/2026-11-22-h100-scatter-v2.md): group_xty vs gather + torch._grouped_mm
+# f = 2048 (S1) 0.40 vs 0.38; f = 4096 (S2) 1.03 vs 0.80; f = 14336 (S3) 8.41 vs 6.53; f = 1024, k = 8 (S4)
+# 2.43 vs 2.38, a wash that would cost two 512 MiB gathers, so narrow experts keep the Triton kernel.
+GROUPED_MM_MIN_FFN = 2048
+
+
+def grouped_mm_pays(dout: torch.Tensor, d: int, f: int) -> bool:
+    """Weight gradients through torch._grouped_mm: bf16 on CUDA, wide experts, 16-byte aligned rows."""
+    return (dout.is_cuda and dout.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and f >= GROUPED_MM_MIN_FFN and f % 8 == 0 and d % 8 == 0)
+
+
+def xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
+        x_scattered: bool, dy_scattered: bool, grouped_mm: bool) -> torch.Tensor:
+    """dW[e] = X_e^T dY_e -> [E, K, N] over each expert's sorted rows (K.group_xty's contract); with
+    `grouped_mm`, the scattered operand is gathered into expert order and torch._grouped_mm does the rest."""
+    if not grouped_mm:
+        return K.group_xty(x, dy, tokens, counts, ends, x_scattered, dy_scattered)
+    xs = x[tokens] if x_scattered else x  # [T*k, K] in expert order
+    dys = dy[tokens] if dy_scattered else dy  # [T*k, N]
+    return torch._grouped_mm(xs.t(), dys, offs=ends.to(torch.int32))
 
 
 def _sum_slots(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
@@ -42,13 +68,15 @@ class ScatterMLP(torch.autograd.Function):
     def backward(ctx, dout):
         x, h, gates_flat, w1, w3, w2, order, counts, ends = ctx.saved_tensors
         k, T, f = ctx.top_k, x.shape[0], w1.shape[2]
-        dh, ga, dgates = K.mlp_out_bwd(dout, w2, h, gates_flat, order, counts, k, glu=w3 is not None)
-        dw2 = K.group_xty(ga, dout, order, counts, ends, k, x_scattered=False, dy_scattered=True)
+        dh, ga, dgates = K.mlp_out_bwd(dout, w2, h, gates_flat, order, counts, k)
+        tokens = order // k  # [T*k] token of each sorted position
+        gmm = grouped_mm_pays(dout, x.shape[1], f)
+        dw2 = xty(ga, dout, tokens, counts, ends, x_scattered=False, dy_scattered=True, grouped_mm=gmm)
         del ga
-        dw1 = K.group_xty(x, dh[:, :f], order, counts, ends, k, x_scattered=True, dy_scattered=False)
+        dw1 = xty(x, dh[:, :f], tokens, counts, ends, x_scattered=True, dy_scattered=False, grouped_mm=gmm)
         dw3 = None
         if w3 is not None:
-            dw3 = K.group_xty(x, dh[:, f:], order, counts, ends, k, x_scattered=True, dy_scattered=False)
+            dw3 = xty(x, dh[:, f:], tokens, counts, ends, x_scattered=True, dy_scattered=False, grouped_mm=gmm)
         dx = None
         if ctx.needs_input_grad[0]:
             dx_slots = K.scatter_mm(dh, w1.transpose(1, 2), order, counts, k, scattered_in=False, scattered_out=True,

@@ -12,11 +12,15 @@ ceil(T*k / BM) + E tiles and the programs past the last tile exit at once.
 Fused epilogues for the expert MLP (EPI):
     0 plain: Y = acc, times the slot's gate if gates are given (layer 2 with gates, input gradients)
     1 layer 1 forward: H = acc (pre-activation, kept for backward), A = act(acc)
-    2 layer 2 backward: acc = dout[t] @ W2[e]^T; a = act(H) recomputed, dgates[s] += <a, acc>,
-      Y = dH = gate * acc * act'(H), A = gate * a (the gated activation, ready for dW2)
 With GLU (SwiGLU), a second weight W_2 (= w3) is in play: in EPI 1 it gives a second accumulator
-(H = [h1 | h3], A = silu(h1) * h3); in EPI 2 H = [h1 | h3] and Y = [dh1 | dh3]; in EPI 0 X has 2K columns
-and the product is X[:, :K] @ W + X[:, K:] @ W_2 (the input gradient through w1 and w3).
+(H = [h1 | h3], A = silu(h1) * h3); in EPI 0 X has 2K columns and the product is
+X[:, :K] @ W + X[:, K:] @ W_2 (the input gradient through w1 and w3).
+
+`act_bwd` is the backward through the activation and the gates, one pass over the sorted rows:
+dA = dout @ W2^T (a plain `scatter_mm`) -> dH = gate * dA * act'(H), gate * act(H) (for dW2) and
+dgates[s] = <act(H), dA> summed over the whole row in one program (no atomics: deterministic). Fusing it
+into the GEMM's epilogue was slower on an H100: its registers forced 128x128 tiles where the plain GEMM
+runs 128x256 (benchmarks/results/2026-11-22-h100-scatter-v2.md).
 
 `group_xty` computes the weight gradient dW[e] = sum_{p in e} X[row(p)]^T dY[row(p)].
 """
@@ -30,45 +34,43 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-EPI_PLAIN, EPI_ACT_FWD, EPI_ACT_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+EPI_PLAIN, EPI_ACT_FWD = tl.constexpr(0), tl.constexpr(1)
 
 if INTERPRET:  # the interpreter cannot benchmark: one fixed config
     _MM_CONFIGS = [triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    _XTY_CONFIGS = [triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=1)]
+    _XTY_CONFIGS = [triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_K": 3}, num_warps=4, num_stages=1)]
+    _ACT_CONFIGS = [triton.Config({"BM": 16, "BN": 64}, num_warps=4, num_stages=1)]
 else:
-    _MM_CONFIGS = [
-        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-    _XTY_CONFIGS = [
-        triton.Config({"BM": 64, "BN": 128, "BK": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 64, "BN": 256, "BK": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 64, "BN": 256, "BK": 128}, num_warps=8, num_stages=4),
-        triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 32, "BN": 128, "BK": 128}, num_warps=4, num_stages=4),
-    ]
+    # from benchmarks/sweep_scatter.py on an H100 (benchmarks/results/2026-11-22-h100-scatter-v2.md): the best
+    # (BM, BN, BK, warps, stages) of each kernel at S1-S4
+    _MM_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+                   for bm, bn, bk, w, st in [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                             (128, 128, 64, 8, 5), (64, 256, 64, 8, 4), (128, 128, 64, 8, 4)]]
+    # XᵀdY: the row-index load in the loop costs one pipeline stage (num_stages - 2 buffers in flight)
+    _XTY_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_K": g}, num_warps=w, num_stages=st)
+                    for bm, bn, bk, w, st, g in [(64, 256, 128, 8, 5, 8), (64, 256, 128, 8, 5, 16),
+                                                 (32, 256, 128, 8, 6, 8), (64, 128, 256, 8, 5, 8),
+                                                 (64, 256, 128, 8, 6, 8), (64, 128, 128, 8, 3, 8)]]
+    _ACT_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+                    for bm, bn, w, st in [(16, 256, 4, 2), (32, 256, 8, 2), (4, 1024, 4, 2), (32, 128, 4, 3)]]
 
 
 @triton.jit
-def _gelu_fwd(h):
-    """GELU, tanh approximation: 0.5 h (1 + tanh(u)) = h * sigmoid(2u), u = c (h + 0.044715 h^3)."""
-    return h * tl.sigmoid(2.0 * 0.7978845608028654 * (h + 0.044715 * h * h * h))
+def _gelu_sigmoid(h):
+    """s = sigmoid(2u): gelu(h) = h * s."""
+    return tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
 
 
 @triton.jit
-def _gelu_grad(h):
-    s = tl.sigmoid(2.0 * 0.7978845608028654 * (h + 0.044715 * h * h * h))
-    return s + h * s * (1.0 - s) * 2.0 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+def _gelu_grad(h, s, act):
+    """gelu'(h) from s = _gelu_sigmoid(h) and act = h * s."""
+    return s + act * (1.0 - s) * 1.5957691216057308 * (1.0 + 3.0 * 0.044715 * h * h)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["num_rows", "N", "K", "SCATTER_IN", "SCATTER_OUT", "EPI", "GLU", "GATED"],
-                 reset_to_zero=["DG"])
+@triton.autotune(configs=_MM_CONFIGS, key=["num_rows", "N", "K", "SCATTER_IN", "SCATTER_OUT", "EPI", "GLU", "GATED"])
 @triton.jit
 def _scatter_mm_kernel(
-    X, W, W_2, Y, H, A, G, DG, order_ptr, counts_ptr,
+    X, W, W_2, Y, H, A, G, order_ptr, counts_ptr,
     num_rows, N, K, top_k,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_hm, stride_am,
     E: tl.constexpr, E_POW2: tl.constexpr, SCATTER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
@@ -145,51 +147,77 @@ def _scatter_mm_kernel(
         if GATED:
             acc *= tl.load(G + slot, mask=mask_m, other=0.0)[:, None]
         tl.store(Y + out_row[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
-    elif EPI == EPI_ACT_FWD:  # grouped out: H [rows, N or 2N], A [rows, N]
+    else:  # EPI_ACT_FWD, grouped out: H [rows, N or 2N], A [rows, N]
         h_ptrs = H + out_row[:, None] * stride_hm + offs_n[None, :]
         tl.store(h_ptrs, acc.to(H.dtype.element_ty), mask=mask)
         if GLU:
             tl.store(h_ptrs + N, acc3.to(H.dtype.element_ty), mask=mask)
             act = acc * tl.sigmoid(acc) * acc3
         else:
-            act = _gelu_fwd(acc)
+            act = acc * _gelu_sigmoid(acc)
         tl.store(A + out_row[:, None] * stride_am + offs_n[None, :], act.to(A.dtype.element_ty), mask=mask)
-    else:  # EPI_ACT_BWD, grouped out: acc = dout @ W2^T (ungated), H saved pre-activation
-        h_ptrs = H + out_row[:, None] * stride_hm + offs_n[None, :]
-        h = tl.load(h_ptrs, mask=mask, other=0.0).to(ACC)
-        gate = tl.load(G + slot, mask=mask_m, other=0.0)[:, None]
-        y_ptrs = Y + out_row[:, None] * stride_ym + offs_n[None, :]
-        if GLU:
-            h3 = tl.load(h_ptrs + N, mask=mask, other=0.0).to(ACC)
+
+
+@triton.autotune(configs=_ACT_CONFIGS, key=["num_rows", "N", "GLU"])
+@triton.jit
+def _act_bwd_kernel(
+    DA, H, DH, GA, G, DG, order_ptr, num_rows, N, stride_am, stride_hm,
+    GLU: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    # program -> BM sorted rows, looping over all N columns: dgates of a row is summed in one program
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    mask_m = offs_m < num_rows
+    slot = tl.load(order_ptr + offs_m, mask=mask_m, other=0)
+    gate = tl.load(G + slot, mask=mask_m, other=0.0).to(ACC)[:, None]
+    rows_a = offs_m.to(tl.int64)[:, None] * stride_am
+    rows_h = offs_m.to(tl.int64)[:, None] * stride_hm
+    dg = tl.zeros((BM,), dtype=ACC)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask = mask_m[:, None] & (offs_n < N)[None, :]
+        da = tl.load(DA + rows_a + offs_n[None, :], mask=mask, other=0.0).to(ACC)
+        h = tl.load(H + rows_h + offs_n[None, :], mask=mask, other=0.0).to(ACC)
+        if GLU:  # H = [h1 | h3], DH = [dh1 | dh3], act = silu(h1) * h3
+            h3 = tl.load(H + rows_h + N + offs_n[None, :], mask=mask, other=0.0).to(ACC)
             sig = tl.sigmoid(h)
             silu = h * sig
             act = silu * h3
-            gacc = acc * gate
-            tl.store(y_ptrs, (gacc * h3 * sig * (1.0 + h * (1.0 - sig))).to(Y.dtype.element_ty), mask=mask)
-            tl.store(y_ptrs + N, (gacc * silu).to(Y.dtype.element_ty), mask=mask)
+            gda = gate * da
+            tl.store(DH + rows_h + offs_n[None, :], (gda * h3 * sig * (1.0 + h * (1.0 - sig))).to(DH.dtype.element_ty),
+                     mask=mask)
+            tl.store(DH + rows_h + N + offs_n[None, :], (gda * silu).to(DH.dtype.element_ty), mask=mask)
         else:
-            act = _gelu_fwd(h)
-            tl.store(y_ptrs, (acc * gate * _gelu_grad(h)).to(Y.dtype.element_ty), mask=mask)
-        tl.atomic_add(DG + slot, tl.sum(act * acc, 1), mask=mask_m)
-        tl.store(A + out_row[:, None] * stride_am + offs_n[None, :], (act * gate).to(A.dtype.element_ty), mask=mask)
+            s = _gelu_sigmoid(h)
+            act = h * s
+            tl.store(DH + rows_h + offs_n[None, :], (gate * da * _gelu_grad(h, s, act)).to(DH.dtype.element_ty),
+                     mask=mask)
+        tl.store(GA + rows_a + offs_n[None, :], (gate * act).to(GA.dtype.element_ty), mask=mask)
+        dg += tl.sum(act * da, 1)
+    tl.store(DG + slot, dg.to(DG.dtype.element_ty), mask=mask_m)
 
 
 @triton.autotune(configs=_XTY_CONFIGS, key=["num_rows", "N", "K", "X_SCATTERED", "DY_SCATTERED"])
 @triton.jit
 def _group_xty_kernel(
-    X, DY, DW, order_ptr, counts_ptr, ends_ptr,
-    num_rows, N, K, top_k,
+    X, DY, DW, tokens_ptr, counts_ptr, ends_ptr,
+    num_rows, N, K,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
     X_SCATTERED: tl.constexpr, DY_SCATTERED: tl.constexpr, ACC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_K: tl.constexpr,
 ):
-    # program -> (expert e, tile of dW[e] rows (K) and columns (N)), expert outermost so that the programs
-    # running together share e's rows of X and dY in L2; each loops over e's sorted rows
+    # program -> (expert e, tile (pid_k, pid_n) of dW[e] [K, N]), expert outermost; within e, GROUP_K row
+    # tiles sweep the column tiles together, so the programs running at once read a GROUP_K*BK-wide slab of
+    # X[e] and a band of dY[e] that stay in L2 (at K = 14336 a whole X[e] does not); each loops over e's rows
     pid = tl.program_id(0)
     num_pid_k, num_pid_n = tl.cdiv(K, BK), tl.cdiv(N, BN)
     e = pid // (num_pid_k * num_pid_n)
-    offs_k = (pid % num_pid_k) * BK + tl.arange(0, BK)
-    offs_n = (pid // num_pid_k % num_pid_n) * BN + tl.arange(0, BN)
+    local = pid % (num_pid_k * num_pid_n)
+    first_k = local // (GROUP_K * num_pid_n) * GROUP_K
+    group_size = tl.minimum(num_pid_k - first_k, GROUP_K)
+    pid_k = first_k + local % (GROUP_K * num_pid_n) % group_size
+    pid_n = local % (GROUP_K * num_pid_n) // group_size
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     mask_k, mask_n = offs_k < K, offs_n < N
     end = tl.load(ends_ptr + e)
     start = end - tl.load(counts_ptr + e)
@@ -197,9 +225,10 @@ def _group_xty_kernel(
     for m0 in range(start, end, BM):
         offs_m = m0 + tl.arange(0, BM)  # [BM] sorted positions
         mask_m = offs_m < end
-        slot = tl.load(order_ptr + offs_m, mask=mask_m, other=0)  # [BM] int64
-        x_row = slot // top_k if X_SCATTERED else offs_m.to(tl.int64)
-        dy_row = slot // top_k if DY_SCATTERED else offs_m.to(tl.int64)
+        if X_SCATTERED or DY_SCATTERED:
+            token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0)  # [BM] int64 token of each position
+        x_row = token if X_SCATTERED else offs_m.to(tl.int64)
+        dy_row = token if DY_SCATTERED else offs_m.to(tl.int64)
         xt = tl.load(X + x_row[None, :] * stride_xm + offs_k[:, None] * stride_xk,
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
         dy = tl.load(DY + dy_row[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
@@ -214,20 +243,20 @@ def _acc_type(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _launch_mm(x, w, w_2, y, h, a, gates, dgates, order, counts, top_k, num_rows, K, N,
-               scatter_in, scatter_out, epi, glu):
+def _launch_mm(x, w, w_2, y, h, a, gates, order, counts, top_k, num_rows, K, N,
+               scatter_in, scatter_out, epi, glu, config: triton.Config | None = None):
+    """Launches `_scatter_mm_kernel`, autotuned, or with `config` (for benchmarks/sweep_scatter.py)."""
     E = w.shape[0]
+    kernel, tile = (_scatter_mm_kernel, {}) if config is None else (_scatter_mm_kernel.fn, config.all_kwargs())
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a variant does not touch
-    # (never `order`: autotuning zeroes DG before each trial)
     grid = lambda meta: ((triton.cdiv(num_rows, meta["BM"]) + E) * triton.cdiv(N, meta["BN"]),)
-    _scatter_mm_kernel[grid](
+    kernel[grid](
         x, w, dummy if w_2 is None else w_2, dummy if y is None else y, dummy if h is None else h,
-        dummy if a is None else a, dummy if gates is None else gates, dummy if dgates is None else dgates,
-        order, counts, num_rows, N, K, top_k,
+        dummy if a is None else a, dummy if gates is None else gates, order, counts, num_rows, N, K, top_k,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         0 if y is None else y.stride(0), 0 if h is None else h.stride(0), 0 if a is None else a.stride(0),
         E=E, E_POW2=triton.next_power_of_2(E), SCATTER_IN=scatter_in, SCATTER_OUT=scatter_out,
-        EPI=epi.value, GLU=glu, GATED=gates is not None and epi.value == EPI_PLAIN.value, ACC=_acc_type(x),
+        EPI=epi.value, GLU=glu, GATED=gates is not None and epi.value == EPI_PLAIN.value, ACC=_acc_type(x), **tile,
     )
 
 
@@ -244,7 +273,7 @@ def scatter_mm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, counts: to
     assert gates is None or scattered_out, "gates need a scattered output"
     assert scattered_in or x.shape[0] == num_rows, "a grouped input has T*k rows"
     y = x.new_empty(num_rows, N)
-    _launch_mm(x, w, w_2, y, None, None, gates, None, order, counts, top_k, num_rows, K, N,
+    _launch_mm(x, w, w_2, y, None, None, gates, order, counts, top_k, num_rows, K, N,
                scattered_in, scattered_out, EPI_PLAIN, w_2 is not None)
     return y
 
@@ -256,36 +285,48 @@ def mlp_in_fwd(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, order
     num_rows, (E, K, N) = order.numel(), w1.shape
     h = x.new_empty(num_rows, 2 * N if w3 is not None else N)
     a = x.new_empty(num_rows, N)
-    _launch_mm(x, w1, w3, None, h, a, None, None, order, counts, top_k, num_rows, K, N,
+    _launch_mm(x, w1, w3, None, h, a, None, order, counts, top_k, num_rows, K, N,
                True, False, EPI_ACT_FWD, w3 is not None)
     return h, a
 
 
+def act_bwd(da: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
+            config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through the activation and the gates, rows in sorted order: da = dL/d(act) ungated [T*k, f],
+    h as from `mlp_in_fwd` ([T*k, f], or [T*k, 2f] for SwiGLU), gates [T*k] by slot ->
+    dh (shaped like h), gate * act(h) [T*k, f] and dgates [T*k] by slot, in the gates' dtype."""
+    num_rows, N = da.shape
+    dh, ga = torch.empty_like(h), torch.empty_like(da)
+    dgates = torch.empty(num_rows, dtype=gates.dtype, device=da.device)
+    kernel, tile = (_act_bwd_kernel, {}) if config is None else (_act_bwd_kernel.fn, config.all_kwargs())
+    kernel[lambda meta: (triton.cdiv(num_rows, meta["BM"]),)](
+        da, h, dh, ga, gates, dgates, order, num_rows, N, da.stride(0), h.stride(0),
+        GLU=h.shape[1] == 2 * N, ACC=_acc_type(da), **tile)
+    return dh, ga, dgates
+
+
 def mlp_out_bwd(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
-                counts: torch.Tensor, top_k: int, glu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                counts: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward through layer 2 and the activation: dout [T, d], w2 [E, f, d], h as from `mlp_in_fwd`,
     gates [T*k] fp32 (fp64 for fp64 operands) -> dh (shaped like h, sorted), gate * act(h) [T*k, f] (sorted),
     dgates [T*k] in the gates' dtype."""
-    num_rows, (E, N, K) = order.numel(), w2.shape
-    dh, a = torch.empty_like(h), h.new_empty(num_rows, N)
-    dgates = torch.zeros(num_rows, dtype=gates.dtype, device=h.device)
-    _launch_mm(dout, w2.transpose(1, 2), None, dh, h, a, gates, dgates, order, counts, top_k, num_rows, K, N,
-               True, False, EPI_ACT_BWD, glu)
-    return dh, a, dgates
+    da = scatter_mm(dout, w2.transpose(1, 2), order, counts, top_k, scattered_in=True, scattered_out=False)
+    return act_bwd(da, h, gates, order)
 
 
-def group_xty(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
-              top_k: int, x_scattered: bool, dy_scattered: bool) -> torch.Tensor:
+def group_xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
+              x_scattered: bool, dy_scattered: bool, config: triton.Config | None = None) -> torch.Tensor:
     """dW[e] = sum over e's sorted positions p of X[row(p)]^T dY[row(p)] -> [E, K, N].
 
-    row(p) = slot // k for a scattered operand, p for a grouped one; ends = cumsum(counts). Empty experts
-    get zeros."""
-    num_rows, E, K, N = order.numel(), counts.numel(), x.shape[1], dy.shape[1]
+    row(p) = tokens[p] (= order[p] // k, int64) for a scattered operand, p for a grouped one;
+    ends = cumsum(counts). Empty experts get zeros. `config` replaces autotuning (for benchmarks/sweep_scatter.py)."""
+    kernel, tile = (_group_xty_kernel, {}) if config is None else (_group_xty_kernel.fn, config.all_kwargs())
+    num_rows, E, K, N = tokens.numel(), counts.numel(), x.shape[1], dy.shape[1]
     dw = x.new_empty(E, K, N)
     grid = lambda meta: (E * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]),)
-    _group_xty_kernel[grid](
-        x, dy, dw, order, counts, ends, num_rows, N, K, top_k,
+    kernel[grid](
+        x, dy, dw, tokens, counts, ends, num_rows, N, K,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x),
+        X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x), **tile,
     )
     return dw

@@ -60,7 +60,8 @@ def padded_destinations(srt: Sorted, block_size: int) -> torch.Tensor:
     padded_start = torch.cumsum(padded, 0) - padded  # [E]
     start = srt.offsets - srt.counts  # [E]
     p = torch.arange(srt.order.numel(), device=srt.order.device)
-    dest_sorted = padded_start[srt.expert_of] + p - start[srt.expert_of]  # [T·k] by sorted position
+    e = srt.expert_of.long()
+    dest_sorted = padded_start[e] + p - start[e]  # [T·k] by sorted position
     return torch.empty_like(dest_sorted).scatter_(0, srt.order, dest_sorted).int()
 
 
