@@ -56,6 +56,17 @@ def test_scatter_mm_layouts(scattered_in, scattered_out, dtype):
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
 
 
+def test_replayed_autotune_pick_gives_the_same_result():
+    """The second launch with the same key skips triton.autotune and replays its pick (kernels._launch)."""
+    T, Kd, N, E, k = 30, 64, 64, 3, 2
+    srt = sort_by_expert(_random_ids(T, k, E), E)
+    x, w = torch.randn(T, Kd), torch.randn(E, Kd, N)
+    K._PICKED.clear()
+    first = K.scatter_mm(x, w, srt.order, srt.counts, k, True, False)
+    assert len(K._PICKED) == 1
+    torch.testing.assert_close(K.scatter_mm(x, w, srt.order, srt.counts, k, True, False), first, rtol=0, atol=0)
+
+
 def test_scatter_mm_pair_and_transposed_weight():
     """The SwiGLU input gradient: grouped [T*k, 2K] input, transposed weight views, two products summed."""
     T, Kd, N, E, k = 40, 70, 90, 4, 2

@@ -69,7 +69,7 @@ class ScatterMLP(torch.autograd.Function):
         x, h, gates_flat, w1, w3, w2, order, counts, ends = ctx.saved_tensors
         k, T, f = ctx.top_k, x.shape[0], w1.shape[2]
         dh, ga, dgates = K.mlp_out_bwd(dout, w2, h, gates_flat, order, counts, k)
-        tokens = order // k  # [T*k] token of each sorted position
+        tokens = order if k == 1 else order // k  # [T*k] token of each sorted position
         gmm = grouped_mm_pays(dout, x.shape[1], f)
         dw2 = xty(ga, dout, tokens, counts, ends, x_scattered=False, dy_scattered=True, grouped_mm=gmm)
         del ga

@@ -243,20 +243,39 @@ def _acc_type(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+_PICKED: dict[tuple, triton.Config] = {}  # (kernel, key) -> the config triton.autotune picked for it
+
+
+def _launch(kernel, grid, key: tuple, config: triton.Config | None, *args, **kwargs):
+    """Launch an autotuned kernel with `config`, or with the config triton.autotune picked for `key` (tuning it
+    on first sight). Replaying the pick skips the autotuner's per-call Python work (its own key from every
+    argument): about a third of a launch's host time, which bounds small layers (S1 is host-bound).
+    `key` must hold what the kernel's autotune key holds, with the operand dtypes."""
+    if config is None:
+        config = _PICKED.get((kernel, key))
+        if config is None:
+            kernel[grid](*args, **kwargs)
+            _PICKED[(kernel, key)] = kernel.best_config
+            return
+    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
 def _launch_mm(x, w, w_2, y, h, a, gates, order, counts, top_k, num_rows, K, N,
                scatter_in, scatter_out, epi, glu, config: triton.Config | None = None):
     """Launches `_scatter_mm_kernel`, autotuned, or with `config` (for benchmarks/sweep_scatter.py)."""
     E = w.shape[0]
-    kernel, tile = (_scatter_mm_kernel, {}) if config is None else (_scatter_mm_kernel.fn, config.all_kwargs())
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a variant does not touch
     grid = lambda meta: ((triton.cdiv(num_rows, meta["BM"]) + E) * triton.cdiv(N, meta["BN"]),)
-    kernel[grid](
+    gated = gates is not None and epi.value == EPI_PLAIN.value
+    key = (num_rows, N, K, scatter_in, scatter_out, epi.value, glu, gated, x.dtype, w.dtype)
+    _launch(
+        _scatter_mm_kernel, grid, key, config,
         x, w, dummy if w_2 is None else w_2, dummy if y is None else y, dummy if h is None else h,
         dummy if a is None else a, dummy if gates is None else gates, order, counts, num_rows, N, K, top_k,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         0 if y is None else y.stride(0), 0 if h is None else h.stride(0), 0 if a is None else a.stride(0),
         E=E, E_POW2=triton.next_power_of_2(E), SCATTER_IN=scatter_in, SCATTER_OUT=scatter_out,
-        EPI=epi.value, GLU=glu, GATED=gates is not None and epi.value == EPI_PLAIN.value, ACC=_acc_type(x), **tile,
+        EPI=epi.value, GLU=glu, GATED=gated, ACC=_acc_type(x),
     )
 
 
@@ -298,10 +317,9 @@ def act_bwd(da: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch
     num_rows, N = da.shape
     dh, ga = torch.empty_like(h), torch.empty_like(da)
     dgates = torch.empty(num_rows, dtype=gates.dtype, device=da.device)
-    kernel, tile = (_act_bwd_kernel, {}) if config is None else (_act_bwd_kernel.fn, config.all_kwargs())
-    kernel[lambda meta: (triton.cdiv(num_rows, meta["BM"]),)](
-        da, h, dh, ga, gates, dgates, order, num_rows, N, da.stride(0), h.stride(0),
-        GLU=h.shape[1] == 2 * N, ACC=_acc_type(da), **tile)
+    glu = h.shape[1] == 2 * N
+    _launch(_act_bwd_kernel, lambda meta: (triton.cdiv(num_rows, meta["BM"]),), (num_rows, N, glu, da.dtype), config,
+            da, h, dh, ga, gates, dgates, order, num_rows, N, da.stride(0), h.stride(0), GLU=glu, ACC=_acc_type(da))
     return dh, ga, dgates
 
 
@@ -320,13 +338,13 @@ def group_xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: t
 
     row(p) = tokens[p] (= order[p] // k, int64) for a scattered operand, p for a grouped one;
     ends = cumsum(counts). Empty experts get zeros. `config` replaces autotuning (for benchmarks/sweep_scatter.py)."""
-    kernel, tile = (_group_xty_kernel, {}) if config is None else (_group_xty_kernel.fn, config.all_kwargs())
     num_rows, E, K, N = tokens.numel(), counts.numel(), x.shape[1], dy.shape[1]
     dw = x.new_empty(E, K, N)
     grid = lambda meta: (E * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]),)
-    kernel[grid](
+    _launch(
+        _group_xty_kernel, grid, (num_rows, N, K, x_scattered, dy_scattered, x.dtype, dy.dtype), config,
         x, dy, dw, tokens, counts, ends, num_rows, N, K,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x), **tile,
+        X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x),
     )
     return dw
