@@ -190,6 +190,7 @@ CHECKS = {
     "tp2_swiglu_rope_untied": lambda: check_parity(2, 1, activation="swiglu", position="rope", tie_embeddings=False),
     "ep2": lambda: check_parity(1, 2),
     "ep2_padded": lambda: check_parity(1, 2, backend="padded"),
+    "ep2_scatter": lambda: check_parity(1, 2, backend="scatter"),  # Triton kernels under the interpreter
     "dp2": lambda: check_parity(1, 1),
     "dispatch_identity_ep2": lambda: check_dispatch_identity(2),
     "zero_tokens_ep2": lambda: check_zero_tokens(2),
@@ -234,8 +235,8 @@ def _spawn(world: int, names: list[str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def two():
-    return _spawn(2, ["tp2", "tp2_swiglu_rope_untied", "ep2", "ep2_padded", "dp2", "dispatch_identity_ep2",
-                      "zero_tokens_ep2"])
+    return _spawn(2, ["tp2", "tp2_swiglu_rope_untied", "ep2", "ep2_padded", "ep2_scatter", "dp2",
+                      "dispatch_identity_ep2", "zero_tokens_ep2"])
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +244,7 @@ def four():
     return _spawn(4, ["tp2_ep2", "dp2_ep2", "zero_tokens_ep4"])
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2_swiglu_rope_untied", "ep2", "ep2_padded", "dp2",
+@pytest.mark.parametrize("name", ["tp2", "tp2_swiglu_rope_untied", "ep2", "ep2_padded", "ep2_scatter", "dp2",
                                   "dispatch_identity_ep2", "zero_tokens_ep2"])
 def test_two_ranks(two, name):
     assert not two[name], two[name]

@@ -57,14 +57,21 @@ def test_scatter_mm_layouts(scattered_in, scattered_out, dtype):
 
 
 def test_replayed_autotune_pick_gives_the_same_result():
-    """The second launch with the same key skips triton.autotune and replays its pick (kernels._launch)."""
+    """The second launch with the same key skips triton.autotune and replays its pick (kernels._launch); a row
+    count within the same power of two (another expert-parallel shard) shares the key."""
     T, Kd, N, E, k = 30, 64, 64, 3, 2
-    srt = sort_by_expert(_random_ids(T, k, E), E)
+    ids = _random_ids(T, k, E)
+    srt = sort_by_expert(ids, E)
     x, w = torch.randn(T, Kd), torch.randn(E, Kd, N)
     K._PICKED.clear()
     first = K.scatter_mm(x, w, srt.order, srt.counts, k, True, False)
     assert len(K._PICKED) == 1
     torch.testing.assert_close(K.scatter_mm(x, w, srt.order, srt.counts, k, True, False), first, rtol=0, atol=0)
+    srt2 = sort_by_expert(ids[:T - 3], E)  # 54 rows instead of 60: the same key (64)
+    y2 = K.scatter_mm(x[:T - 3], w, srt2.order, srt2.counts, k, True, False)
+    assert len(K._PICKED) == 1
+    torch.testing.assert_close(y2.double(), _mm_reference(x[:T - 3], w, ids[:T - 3], k, True, False),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_scatter_mm_pair_and_transposed_weight():

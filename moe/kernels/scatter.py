@@ -67,11 +67,11 @@ def _gelu_grad(h, s, act):
     return s + act * (1.0 - s) * 1.5957691216057308 * (1.0 + 3.0 * 0.044715 * h * h)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["num_rows", "N", "K", "SCATTER_IN", "SCATTER_OUT", "EPI", "GLU", "GATED"])
+@triton.autotune(configs=_MM_CONFIGS, key=["rows_key", "N", "K", "SCATTER_IN", "SCATTER_OUT", "EPI", "GLU", "GATED"])
 @triton.jit
 def _scatter_mm_kernel(
     X, W, W_2, Y, H, A, G, order_ptr, counts_ptr,
-    num_rows, N, K, top_k,
+    num_rows, rows_key, N, K, top_k,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_hm, stride_am,
     E: tl.constexpr, E_POW2: tl.constexpr, SCATTER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
     EPI: tl.constexpr, GLU: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr,
@@ -158,10 +158,10 @@ def _scatter_mm_kernel(
         tl.store(A + out_row[:, None] * stride_am + offs_n[None, :], act.to(A.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_ACT_CONFIGS, key=["num_rows", "N", "GLU"])
+@triton.autotune(configs=_ACT_CONFIGS, key=["rows_key", "N", "GLU"])
 @triton.jit
 def _act_bwd_kernel(
-    DA, H, DH, GA, G, DG, order_ptr, num_rows, N, stride_am, stride_hm,
+    DA, H, DH, GA, G, DG, order_ptr, num_rows, rows_key, N, stride_am, stride_hm,
     GLU: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     # program -> BM sorted rows, looping over all N columns: dgates of a row is summed in one program
@@ -196,11 +196,11 @@ def _act_bwd_kernel(
     tl.store(DG + slot, dg.to(DG.dtype.element_ty), mask=mask_m)
 
 
-@triton.autotune(configs=_XTY_CONFIGS, key=["num_rows", "N", "K", "X_SCATTERED", "DY_SCATTERED"])
+@triton.autotune(configs=_XTY_CONFIGS, key=["rows_key", "N", "K", "X_SCATTERED", "DY_SCATTERED"])
 @triton.jit
 def _group_xty_kernel(
     X, DY, DW, tokens_ptr, counts_ptr, ends_ptr,
-    num_rows, N, K,
+    rows_key, N, K,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
     X_SCATTERED: tl.constexpr, DY_SCATTERED: tl.constexpr, ACC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_K: tl.constexpr,
@@ -246,6 +246,12 @@ def _acc_type(x: torch.Tensor):
 _PICKED: dict[tuple, triton.Config] = {}  # (kernel, key) -> the config triton.autotune picked for it
 
 
+def _rows_key(num_rows: int) -> int:
+    """The row count as the autotuners see it: rounded up to a power of two. Under expert parallelism the rows
+    a rank receives change every step; keyed on the exact count, every new count would be tuned anew."""
+    return triton.next_power_of_2(max(num_rows, 1))
+
+
 def _launch(kernel, grid, key: tuple, config: triton.Config | None, *args, **kwargs):
     """Launch an autotuned kernel with `config`, or with the config triton.autotune picked for `key` (tuning it
     on first sight). Replaying the pick skips the autotuner's per-call Python work (its own key from every
@@ -267,11 +273,12 @@ def _launch_mm(x, w, w_2, y, h, a, gates, order, counts, top_k, num_rows, K, N,
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)  # for pointers a variant does not touch
     grid = lambda meta: ((triton.cdiv(num_rows, meta["BM"]) + E) * triton.cdiv(N, meta["BN"]),)
     gated = gates is not None and epi.value == EPI_PLAIN.value
-    key = (num_rows, N, K, scatter_in, scatter_out, epi.value, glu, gated, x.dtype, w.dtype)
+    rows_key = _rows_key(num_rows)
+    key = (rows_key, N, K, scatter_in, scatter_out, epi.value, glu, gated, x.dtype, w.dtype)
     _launch(
         _scatter_mm_kernel, grid, key, config,
         x, w, dummy if w_2 is None else w_2, dummy if y is None else y, dummy if h is None else h,
-        dummy if a is None else a, dummy if gates is None else gates, order, counts, num_rows, N, K, top_k,
+        dummy if a is None else a, dummy if gates is None else gates, order, counts, num_rows, rows_key, N, K, top_k,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         0 if y is None else y.stride(0), 0 if h is None else h.stride(0), 0 if a is None else a.stride(0),
         E=E, E_POW2=triton.next_power_of_2(E), SCATTER_IN=scatter_in, SCATTER_OUT=scatter_out,
@@ -318,8 +325,10 @@ def act_bwd(da: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch
     dh, ga = torch.empty_like(h), torch.empty_like(da)
     dgates = torch.empty(num_rows, dtype=gates.dtype, device=da.device)
     glu = h.shape[1] == 2 * N
-    _launch(_act_bwd_kernel, lambda meta: (triton.cdiv(num_rows, meta["BM"]),), (num_rows, N, glu, da.dtype), config,
-            da, h, dh, ga, gates, dgates, order, num_rows, N, da.stride(0), h.stride(0), GLU=glu, ACC=_acc_type(da))
+    rows_key = _rows_key(num_rows)
+    _launch(_act_bwd_kernel, lambda meta: (triton.cdiv(num_rows, meta["BM"]),), (rows_key, N, glu, da.dtype), config,
+            da, h, dh, ga, gates, dgates, order, num_rows, rows_key, N, da.stride(0), h.stride(0),
+            GLU=glu, ACC=_acc_type(da))
     return dh, ga, dgates
 
 
@@ -342,8 +351,8 @@ def group_xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: t
     dw = x.new_empty(E, K, N)
     grid = lambda meta: (E * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]),)
     _launch(
-        _group_xty_kernel, grid, (num_rows, N, K, x_scattered, dy_scattered, x.dtype, dy.dtype), config,
-        x, dy, dw, tokens, counts, ends, num_rows, N, K,
+        _group_xty_kernel, grid, (_rows_key(num_rows), N, K, x_scattered, dy_scattered, x.dtype, dy.dtype), config,
+        x, dy, dw, tokens, counts, ends, _rows_key(num_rows), N, K,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x),
     )
