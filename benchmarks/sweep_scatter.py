@@ -67,7 +67,7 @@ def run_shape(name: str, only: str) -> dict:
     g = routing.weights.detach().reshape(-1).float().contiguous()
     h, a = K.mlp_in_fwd(x, w1, None, order, counts, k)
     y, y2, da = x.new_empty(n, d), x.new_empty(n, d), torch.empty_like(h)
-    dh = K.act_bwd(h, h, g, order)[0]
+    dh = K.act_bwd(h, h, g, order)[0]  # an operand of dh's shape for the dx and dw1 kernels (values don't matter)
     mm = {  # kernel: launch(config)
         "L1 fwd x@w1 +act": lambda c: K._launch_mm(x, w1, None, None, h, a, None, order, counts, k, n, d, f,
                                                    True, False, K.EPI_ACT_FWD, False, c),

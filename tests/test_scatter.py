@@ -140,6 +140,20 @@ CASES = {  # name: (T, d, f, E, k, allowed experts or None)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_backend_matches_reference(case, activation):
+    _check_backend(case, activation)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_backward_with_grouped_mm_weight_gradients(monkeypatch, activation):
+    """The backward's torch._grouped_mm route (taken for wide experts in bf16 on CUDA), forced here in fp32
+    on CPU: x gathered once for dW1 and dW3, dW2 from the gathered dout, an empty expert included."""
+    import moe.experts.scatter as scatter_backend
+
+    monkeypatch.setattr(scatter_backend, "grouped_mm_pays", lambda dout, d, f: True)
+    _check_backend("empty_expert", activation)
+
+
+def _check_backend(case, activation):
     T, d, f, E, k, allowed = CASES[case]
     ref, ours = _pair(E, d, f, activation)
     x = torch.randn(T, d, requires_grad=True)

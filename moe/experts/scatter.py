@@ -73,10 +73,12 @@ class ScatterMLP(torch.autograd.Function):
         gmm = grouped_mm_pays(dout, x.shape[1], f)
         dw2 = xty(ga, dout, tokens, counts, ends, x_scattered=False, dy_scattered=True, grouped_mm=gmm)
         del ga
-        dw1 = xty(x, dh[:, :f], tokens, counts, ends, x_scattered=True, dy_scattered=False, grouped_mm=gmm)
+        xs = x[tokens] if gmm else x  # grouped_mm wants x in expert order: gathered once for dw1 and dw3
+        dw1 = xty(xs, dh[:, :f], tokens, counts, ends, x_scattered=not gmm, dy_scattered=False, grouped_mm=gmm)
         dw3 = None
         if w3 is not None:
-            dw3 = xty(x, dh[:, f:], tokens, counts, ends, x_scattered=True, dy_scattered=False, grouped_mm=gmm)
+            dw3 = xty(xs, dh[:, f:], tokens, counts, ends, x_scattered=not gmm, dy_scattered=False, grouped_mm=gmm)
+        del xs
         dx = None
         if ctx.needs_input_grad[0]:
             dx_slots = K.scatter_mm(dh, w1.transpose(1, 2), order, counts, k, scattered_in=False, scattered_out=True,

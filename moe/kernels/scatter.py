@@ -347,12 +347,12 @@ def group_xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: t
 
     row(p) = tokens[p] (= order[p] // k, int64) for a scattered operand, p for a grouped one;
     ends = cumsum(counts). Empty experts get zeros. `config` replaces autotuning (for benchmarks/sweep_scatter.py)."""
-    num_rows, E, K, N = tokens.numel(), counts.numel(), x.shape[1], dy.shape[1]
+    E, K, N, rows_key = counts.numel(), x.shape[1], dy.shape[1], _rows_key(tokens.numel())
     dw = x.new_empty(E, K, N)
     grid = lambda meta: (E * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"]),)
     _launch(
-        _group_xty_kernel, grid, (_rows_key(num_rows), N, K, x_scattered, dy_scattered, x.dtype, dy.dtype), config,
-        x, dy, dw, tokens, counts, ends, _rows_key(num_rows), N, K,
+        _group_xty_kernel, grid, (rows_key, N, K, x_scattered, dy_scattered, x.dtype, dy.dtype), config,
+        x, dy, dw, tokens, counts, ends, rows_key, N, K,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x),
     )
