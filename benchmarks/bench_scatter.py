@@ -23,7 +23,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe.config import MoEConfig  # noqa: E402
 from moe.experts.reference import ReferenceExperts  # noqa: E402
-from moe.experts.scatter import ScatterExperts, grouped_mm_pays, xty  # noqa: E402
+from moe.experts.scatter import ScatterExperts, _sum_slots, grouped_mm_pays, xty  # noqa: E402
 from moe.kernels import scatter as K  # noqa: E402
 from moe.permute import sort_by_expert  # noqa: E402
 from moe.routing import Routing  # noqa: E402
@@ -152,14 +152,14 @@ def run_shape(name, dev, do_check, act) -> dict:
             "sort": lambda: sort_by_expert(routing.expert_ids, E),
             "L1 fwd x@w1 +act (h,a)": lambda: K.mlp_in_fwd(x, w1, w3, srt.order, srt.counts, k),
             "L2 fwd a@w2 *gate": lambda: K.scatter_mm(act, w2, srt.order, srt.counts, k, False, True, gates=g),
-            "sum over k (fwd)": (lambda: y.view(T, k, d).sum(1)) if k > 1 else None,
+            "sum over k (fwd)": (lambda: _sum_slots(y, T, k)) if k > 1 else None,
             "bwd da = dout@w2^T": lambda: K.scatter_mm(dy, w2.transpose(1, 2), srt.order, srt.counts, k, True, False),
             "bwd act' dgates (elementwise)": lambda: K.act_bwd(da, h, g, srt.order),
             "bwd dw2 ((g a)^T dout)": lambda: xty(act, dy, tokens, srt.counts, srt.offsets, False, True, gmm),
             "bwd dw1 (x^T dh)": lambda: xty(x, dh[:, :f], tokens, srt.counts, srt.offsets, True, False, gmm),
             "bwd dx (dh@w1^T)": lambda: K.scatter_mm(dh, w1.transpose(1, 2), srt.order, srt.counts, k, False, True,
                                                      w_2=w3t),
-            "sum over k (bwd)": (lambda: y.view(T, k, d).sum(1)) if k > 1 else None,
+            "sum over k (bwd)": (lambda: _sum_slots(y, T, k)) if k > 1 else None,
         }
         res["breakdown_ms"] = {}
         for key, fn in steps.items():

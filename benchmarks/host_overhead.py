@@ -1,10 +1,17 @@
-"""Host (CPU) time to enqueue one forward+backward of an expert backend, against the GPU wall time per step.
+"""Host (CPU) time against GPU time of one forward+backward of an expert backend, and where each goes.
 
-    PYTHONUNBUFFERED=1 python benchmarks/host_overhead.py [--backends scatter,grouped] [--shapes S1,S2] [--profile]
+    PYTHONUNBUFFERED=1 python benchmarks/host_overhead.py [--backends scatter,grouped] [--shapes S1,S2]
+        [--graph] [--kernels] [--profile]
 
-When the host time per step exceeds the GPU time, the GPU waits on Python and kernel launches, and a timing
-taken with CUDA events (bench_moe.py) measures the host. Routing and shapes as in bench_moe.py; --profile
-prints the cProfile top entries of 20 steps.
+Per backend and shape it prints:
+- host: CPU time to enqueue one step (forward and backward apart), measured while the GPU is kept busy, so that
+  no call waits on it;
+- wall: time per step of back-to-back eager steps (the larger of host and GPU time, as bench_moe.py sees it);
+- with --graph, gpu: time per step replaying the step captured in a CUDA graph (no host work at all: the GPU
+  time alone), with the dense pair of matmuls of equal FLOPs (bench_moe.py's ceiling) captured the same way;
+- with --kernels, every GPU kernel of one step in launch order with its duration (torch.profiler);
+- with --profile, the cProfile top entries of 20 steps.
+Routing and shapes as in bench_moe.py. A step is bench_moe.py's: grads set to None, forward, backward.
 """
 from __future__ import annotations
 
@@ -12,15 +19,93 @@ import argparse
 import cProfile
 import os
 import pstats
+import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_moe import SHAPES, make_routing  # noqa: E402
 from moe.config import MoEConfig  # noqa: E402
 from moe.experts import backend_class  # noqa: E402
+
+BUSY_CYCLES = 2_000_000_000  # ~1 s of torch.cuda._sleep: the GPU stays busy while the host enqueues
+HOST_STEPS = 20  # few enough that the launch queue (~1000 kernels) never fills and blocks the host
+
+
+def host_ms(fn, steps: int) -> tuple[float, float]:
+    """Median CPU ms of the two phases fn yields at, over `steps` calls, with the GPU kept busy."""
+    fwd, bwd = [], []
+    torch.cuda.synchronize()
+    torch.cuda._sleep(BUSY_CYCLES)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        phases = fn()
+        next(phases)
+        t1 = time.perf_counter()
+        next(phases, None)
+        t2 = time.perf_counter()
+        fwd.append((t1 - t0) * 1e3)
+        bwd.append((t2 - t1) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def wall_ms(step, steps: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def graph_ms(step, steps: int) -> float:
+    """ms per replay of `step` captured in a CUDA graph (warmed up, so autotuning happens before capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def kernel_list(step) -> list[tuple[str, float]]:
+    """(name, device ms) of every GPU kernel of one step, in launch order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.time_range.start)
+    return [(e.name, e.time_range.elapsed_us() / 1e3) for e in events]
+
+
+def dense_step(T: int, d: int, f: int, dev):
+    """bench_moe.py's ceiling: gelu(X @ W1) @ W2 forward and backward, X [T, d]."""
+    X = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    W1 = (torch.randn(d, f, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_(True)
+    W2 = (torch.randn(f, d, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_(True)
+    dY = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        for p in (X, W1, W2):
+            p.grad = None
+        (F.gelu(X @ W1, approximate="tanh") @ W2).backward(dY)
+    return step
 
 
 def main():
@@ -28,33 +113,52 @@ def main():
     ap.add_argument("--backends", default="scatter")
     ap.add_argument("--shapes", default="S1,S2")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--graph", action="store_true", help="also time the step replayed from a CUDA graph")
+    ap.add_argument("--kernels", action="store_true", help="list the kernels of one step with their durations")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for name in args.shapes.split(","):
         T, d, f, E, k = SHAPES[name]
+        tflop = 3 * 2 * 2 * T * k * d * f / 1e12  # fwd+bwd useful TFLOP per step
         x, routing, _ = make_routing(T, d, E, k, dev, torch.bfloat16)
         x.requires_grad_(True)
         dy = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+        if args.graph:
+            ms = graph_ms(dense_step(T * k, d, f, dev), args.steps)
+            print(f"{name} dense        gpu (graph) {ms:.3f} ms/step = {tflop / ms * 1e3:.0f} TFLOP/s", flush=True)
         for backend in args.backends.split(","):
             cfg = MoEConfig(num_experts=E, top_k=k, backend=backend)
             module = backend_class(backend)(cfg, E, d, f, "gelu", 0.02, 0.02).to(dev, torch.bfloat16)
+            params = list(module.parameters()) + [x, routing.weights]
+
+            def phases():
+                for p in params:
+                    p.grad = None
+                y = module(x, routing)[0]
+                yield
+                y.backward(dy)
 
             def step():
-                for p in list(module.parameters()) + [x, routing.weights]:
-                    p.grad = None
-                module(x, routing)[0].backward(dy)
+                for _ in phases():
+                    pass
 
             for _ in range(5):  # compile and autotune outside the measurement
                 step()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            host = (time.perf_counter() - t0) / args.steps * 1e3
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / args.steps * 1e3
-            print(f"{name} {backend:12s} host enqueue {host:.3f} ms/step | wall {wall:.3f} ms/step", flush=True)
+            fwd, bwd = host_ms(phases, HOST_STEPS)
+            wall = wall_ms(step, args.steps)
+            line = (f"{name} {backend:12s} host {fwd + bwd:.3f} ms/step (fwd {fwd:.3f}, bwd {bwd:.3f}) | "
+                    f"wall {wall:.3f} ms = {tflop / wall * 1e3:.0f} TFLOP/s")
+            if args.graph:
+                ms = graph_ms(step, args.steps)
+                line += f" | gpu (graph) {ms:.3f} ms = {tflop / ms * 1e3:.0f} TFLOP/s"
+            print(line, flush=True)
+            if args.kernels:
+                kernels = kernel_list(step)
+                for kname, ms in kernels:
+                    print(f"    {ms:8.3f} ms  {kname[:110]}")
+                print(f"    {sum(ms for _, ms in kernels):8.3f} ms  sum of {len(kernels)} kernels", flush=True)
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
@@ -62,7 +166,7 @@ def main():
                     step()
                 prof.disable()
                 torch.cuda.synchronize()
-                pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

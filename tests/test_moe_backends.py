@@ -205,12 +205,16 @@ def test_skipped_step_clears_counts_without_moving_bias():
     torch.full((20, 1), 3),  # all assignments on one expert
     torch.tensor([[6, 0], [0, 6], [6, 0]]),  # only the first and last experts
     torch.zeros((0, 2), dtype=torch.int64),  # no tokens
-], ids=["random", "one_expert", "ends_only", "empty"])
-def test_sort_by_expert_is_a_stable_counting_sort(ids):
-    from moe.permute import sort_by_expert
+    torch.randint(0, 7, (1234, 1), generator=torch.Generator().manual_seed(1)),  # many blocks, a ragged last one
+], ids=["random", "one_expert", "ends_only", "empty", "many_blocks"])
+@pytest.mark.parametrize("impl", ["torch", "counting"])
+def test_sort_by_expert_is_a_stable_counting_sort(ids, impl):
+    """torch.sort's path (CPU, or many experts) and the Triton counting sort (the GPU's, here interpreted)."""
+    from moe.kernels.sort import counting_sort
+    from moe.permute import Sorted, sort_by_expert
 
     E, flat = 7, ids.reshape(-1)
-    s = sort_by_expert(ids, E)
+    s = sort_by_expert(ids, E) if impl == "torch" else Sorted(*counting_sort(flat, E, torch.int16))
     ref_order = torch.sort(flat, stable=True).indices  # int64 keys: the plain definition
     counts = torch.bincount(flat, minlength=E)
     assert torch.equal(s.order, ref_order)

@@ -113,10 +113,11 @@ def test_weight_gradient_through_grouped_mm_equals_kernel(x_scattered, dy_scatte
     srt = sort_by_expert(ids, E)
     x = torch.randn(T if x_scattered else T * k, Kd)
     dy = torch.randn(T if dy_scattered else T * k, N)
-    args = (x, dy, srt.order // k, srt.counts, srt.offsets, x_scattered, dy_scattered)
-    dw = xty(*args, grouped_mm=True)
+    args = (x, dy, srt.order // k, srt.counts)
+    dw = xty(*args, srt.offsets.int(), x_scattered, dy_scattered, grouped_mm=True)  # its offsets are int32
     assert dw.shape == (E, Kd, N) and dw[2].abs().max() == 0
-    torch.testing.assert_close(dw, xty(*args, grouped_mm=False), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dw, xty(*args, srt.offsets, x_scattered, dy_scattered, grouped_mm=False),
+                               rtol=1e-5, atol=1e-4)
 
 
 def _pair(E, d, f, activation):

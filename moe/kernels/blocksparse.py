@@ -24,15 +24,13 @@ over configurations chosen for B = 128 (B = 64 and smaller work, with BLOCK_K = 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from moe.kernels.launch import INTERPRET, cdiv, next_pow2
 from moe.kernels.topology import Topology
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_NONE, ACT_GELU, ACT_GELU_GRAD = 0, 1, 2
 
 
@@ -251,7 +249,7 @@ def dsd(data: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = 
     sbe, sbk, sbn = (w.stride(0), w.stride(2), w.stride(1)) if trans_w else w.stride()
 
     def grid(meta):
-        return (topo.max_block_rows * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (topo.max_block_rows * cdiv(N, meta["BLOCK_N"]),)
     _dsd_kernel[grid](data, w, out, topo.row_offsets, topo.column_indices, topo.num_block_rows,
                       N, topo.blocks_per_row, sbe, sbk, sbn, out.stride(0), out.stride(1), BLOCK=B,
                       **_fixed(B, BLOCK_N=32))
@@ -260,7 +258,7 @@ def dsd(data: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = 
 
 def _dstd(data: torch.Tensor, d: torch.Tensor, topo: Topology, out: torch.Tensor, d_strides, out_strides, N):
     def grid(meta):
-        return (topo.num_block_cols * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (topo.num_block_cols * cdiv(N, meta["BLOCK_N"]),)
     _dstd_kernel[grid](data, d, out, topo.offsets_t, topo.block_offsets_t, topo.column_indices_t,
                        N, topo.blocks_per_row, topo.num_block_cols, *d_strides, *out_strides,
                        BLOCK=topo.block_size, **_fixed(topo.block_size, BLOCK_N=32))
@@ -354,7 +352,7 @@ def _row_dots_kernel(y_ptr, dest_ptr, g_ptr, out_ptr, D, k, stride_y, stride_g,
 
 
 def _row_meta(D: int, k: int = 1) -> dict:
-    return dict(KP=max(2, triton.next_power_of_2(k)), BLOCK_D=min(triton.next_power_of_2(D), 64 if INTERPRET else 1024))
+    return dict(KP=max(2, next_pow2(k)), BLOCK_D=min(next_pow2(D), 64 if INTERPRET else 1024))
 
 
 def pad_rows(x: torch.Tensor, src: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
