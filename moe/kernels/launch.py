@@ -15,7 +15,7 @@ from triton import knobs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_COMPILED: dict[tuple, tuple] = {}  # (id(fn), constexprs, options, specialization) -> (compiled, constexprs)
+_COMPILED: dict[tuple, tuple] = {}  # (id(fn), device, constexprs, options, specialization) -> compiled, constexprs
 
 
 def cdiv(a: int, b: int) -> int:
@@ -39,7 +39,8 @@ def launch(fn, grid, tensors: tuple, ints: tuple, constexprs: dict, options: tup
     """fn[grid](*tensors, *ints, **constexprs, **dict(options)) for a @triton.jit `fn` whose parameters are its
     tensors, then its integers, then its constexprs. `grid` is a tuple, or a function of the constexprs (a
     config's block sizes among them); `options` a triton.Config's all_kwargs().items() as a tuple."""
-    spec = (id(fn), tuple(constexprs.values()), options, _specialization(tensors, ints))  # fn: module-level, lives on
+    # fn is module-level (its id lives on); compiled kernels are per device, like triton's cache
+    spec = (id(fn), tensors[0].get_device(), tuple(constexprs.values()), options, _specialization(tensors, ints))
     hit = _COMPILED.get(spec)
     if hit is None:
         compiled = fn[grid](*tensors, *ints, **constexprs, **dict(options))
