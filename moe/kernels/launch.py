@@ -7,6 +7,7 @@ kernel under the constexprs, the options and what triton specializes on, and rep
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,9 +31,23 @@ def next_pow2(n: int) -> int:
 
 def _specialization(tensors: tuple, ints: tuple) -> tuple:
     """What triton compiles a kernel apart for: a tensor's dtype and 16-byte alignment; an integer's being 1,
-    divisible by 16, and within 32 bits."""
-    return (tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 == 0 for t in tensors),
-            tuple(4 if i == 1 else (i % 16 == 0) + 2 * (-2**31 <= i < 2**31) for i in ints))
+    divisible by 16, and its type (int32, int64, uint64)."""
+    return (*[t.dtype for t in tensors], *[t.data_ptr() & 15 == 0 for t in tensors],
+            *[4 if i == 1 else (i & 15 == 0) + (0 if -2**31 <= i < 2**31 else 2 if i < 2**63 else 6) for i in ints])
+
+
+@functools.cache
+def _driver() -> tuple:
+    """triton's current-device and current-stream functions (each attribute of triton's lazy driver proxy
+    costs a lookup)."""
+    driver = triton.runtime.driver.active
+    return driver.get_current_device, driver.get_current_stream
+
+
+def _hook(hook):
+    """A triton launch hook, or None where it is unset or an empty chain: the launcher then calls nothing and
+    needs no launch metadata."""
+    return hook if getattr(hook, "calls", hook) else None
 
 
 def launch(fn, grid, tensors: tuple, ints: tuple, constexprs: dict, options: tuple = ()) -> None:
@@ -52,9 +67,9 @@ def launch(fn, grid, tensors: tuple, ints: tuple, constexprs: dict, options: tup
     # what JITFunction.run does once the kernel is compiled, without rebuilding its key
     compiled, meta, consts = hit
     grid = grid(meta) if callable(grid) else grid
-    driver = triton.runtime.driver.active
-    stream = driver.get_current_stream(driver.get_current_device())
-    enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    current_device, current_stream = _driver()
+    stream = current_stream(current_device())
+    enter, exit_ = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
     args = (*tensors, *ints, *consts)
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                  compiled.function, compiled.packed_metadata,
