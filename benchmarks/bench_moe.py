@@ -138,8 +138,9 @@ def bench_experts(module, x, routing, dy, timer):
     return t_fwd, t_fb, peak, y.detach(), x.grad.detach(), dropped.item()
 
 
-def bench_dense(N, d, f, device, dtype, timer):
-    """The ceiling: gelu(X [N, d] @ W1 [d, f]) @ W2 [f, d] with the same GEMM FLOPs as the experts."""
+def dense_pair(N, d, f, device, dtype):
+    """The ceiling: gelu(X [N, d] @ W1 [d, f]) @ W2 [f, d] with the same GEMM FLOPs as the experts, as
+    (forward, forward+backward) callables."""
     g = torch.Generator(device="cpu").manual_seed(1)
     X = torch.randn(N, d, generator=g).to(device, dtype).requires_grad_(True)
     W1 = (torch.randn(d, f, generator=g) * 0.02).to(device, dtype).requires_grad_(True)
@@ -154,6 +155,11 @@ def bench_dense(N, d, f, device, dtype, timer):
             p.grad = None
         fwd().backward(dY)
 
+    return fwd, fwd_bwd
+
+
+def bench_dense(N, d, f, device, dtype, timer):
+    fwd, fwd_bwd = dense_pair(N, d, f, device, dtype)
     return timer(fwd), timer(fwd_bwd), timer.peak_gib(fwd_bwd)
 
 

@@ -24,10 +24,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_moe import SHAPES, make_routing  # noqa: E402
+from benchmarks.bench_moe import SHAPES, dense_pair, make_routing  # noqa: E402
 from moe.config import MoEConfig  # noqa: E402
 from moe.experts import backend_class  # noqa: E402
 
@@ -94,20 +93,6 @@ def kernel_list(step) -> list[tuple[str, float]]:
     return [(e.name, e.time_range.elapsed_us() / 1e3) for e in events]
 
 
-def dense_step(T: int, d: int, f: int, dev):
-    """bench_moe.py's ceiling: gelu(X @ W1) @ W2 forward and backward, X [T, d]."""
-    X = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    W1 = (torch.randn(d, f, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_(True)
-    W2 = (torch.randn(f, d, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_(True)
-    dY = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
-
-    def step():
-        for p in (X, W1, W2):
-            p.grad = None
-        (F.gelu(X @ W1, approximate="tanh") @ W2).backward(dY)
-    return step
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="scatter")
@@ -126,7 +111,7 @@ def main():
         x.requires_grad_(True)
         dy = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
         if args.graph:
-            ms = graph_ms(dense_step(T * k, d, f, dev), args.steps)
+            ms = graph_ms(dense_pair(T * k, d, f, dev, torch.bfloat16)[1], args.steps)
             print(f"{name} dense        gpu (graph) {ms:.3f} ms/step = {tflop / ms * 1e3:.0f} TFLOP/s", flush=True)
         for backend in args.backends.split(","):
             cfg = MoEConfig(num_experts=E, top_k=k, backend=backend)
