@@ -9,6 +9,11 @@ A backend is `name[:key=value...]`, the keys being moe.* config keys (`cf` = cap
 Useful FLOPs: 2*T*k*d*f per GEMM, two GEMMs, x3 for forward+backward. Routing: a fixed-seed random router
 on inputs z + 0.1*mu (z ~ N(0, I) per token, mu one fixed N(0, I) vector): softmax top-k with realistic skew;
 its max/mean expert load is printed. Timings: median over --reps of CUDA-event intervals after --warmup.
+Power: an H100 at its 700 W cap lowers its clocks after ~50-100 ms of dense load (1980 -> 1500-1800 MHz; the
+dense pair slows 12%, benchmarks/results/2026-11-22-h100-power.md), so a timing depends on what ran just
+before it. Every timing therefore starts from the same state: --idle seconds with the GPU idle (clocks back
+up), then --warmup and --reps ("burst": a layer between others in a training step); with --load S the
+function first runs for S seconds ("sustained": the power-capped steady state). Dense and backends alike.
 Error: relative L2 error of the output and of the input gradient against the naive loop (padded with a
 finite capacity drops assignments, so its error is large by design; its dropped fraction is listed).
 Writes <out>/<date>-<device>[-<tag>].json and .md.
@@ -76,11 +81,21 @@ def make_routing(T: int, d: int, E: int, k: int, device, dtype, seed: int = 0):
 
 
 class Timer:
-    def __init__(self, device: torch.device, reps: int, warmup: int):
+    def __init__(self, device: torch.device, reps: int, warmup: int, idle_s: float = 0.0, load_s: float = 0.0):
         self.cuda, self.reps, self.warmup, self.device = device.type == "cuda", reps, warmup, device
+        self.idle_s, self.load_s = (idle_s, load_s) if self.cuda else (0.0, 0.0)
+        self.spread = (None, None)  # (min, max) ms of the reps of the last call
 
     def __call__(self, fn) -> float:
-        """Median milliseconds of fn()."""
+        """Median milliseconds of fn() after idle_s idle and load_s of fn(); self.spread gets the fastest and
+        slowest rep."""
+        if self.idle_s:
+            torch.cuda.synchronize()
+            time.sleep(self.idle_s)
+        t_end = time.perf_counter() + self.load_s
+        while time.perf_counter() < t_end:
+            fn()
+            torch.cuda.synchronize()  # the host must not run ahead of the load
         for _ in range(self.warmup):
             fn()
         if not self.cuda:
@@ -89,6 +104,7 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+            self.spread = (min(times), max(times))
             return statistics.median(times)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.reps)]
@@ -98,7 +114,9 @@ class Timer:
             fn()
             end.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        times = [s.elapsed_time(e) for s, e in events]
+        self.spread = (min(times), max(times))
+        return statistics.median(times)
 
     def peak_gib(self, fn) -> float | None:
         """Peak memory allocated by fn() above what was allocated before, GiB."""
@@ -173,8 +191,10 @@ def run_shape(name, shape, backends, device, dtype, timer, naive: bool):
     rows = []
 
     def record(label, t_fwd, t_fb, peak, err_y=None, err_dx=None, dropped=None):
+        fb_min, fb_max = timer.spread  # of the fwd+bwd reps (timed last)
         row = {"shape": name, "T": T, "d": d, "f": f, "E": E, "k": k, "load_max_over_mean": round(skew, 3),
                "backend": label, "fwd_ms": t_fwd, "fwd_bwd_ms": t_fb,
+               "fwd_bwd_ms_min": fb_min, "fwd_bwd_ms_max": fb_max,
                "fwd_tflops": flops_fwd / t_fwd / 1e9, "fwd_bwd_tflops": 3 * flops_fwd / t_fb / 1e9,
                "peak_mem_gib": peak, "err_y": err_y, "err_dx": err_dx,
                "dropped_frac": None if dropped is None else dropped / (T * k)}
@@ -184,7 +204,8 @@ def run_shape(name, shape, backends, device, dtype, timer, naive: bool):
         rows.append(row)
         pct = f"{row.get('fwd_bwd_pct_dense', 100):5.1f}%"
         print(f"  {label:28s} fwd {t_fwd:8.3f} ms {row['fwd_tflops']:7.1f} TF/s | fwd+bwd {t_fb:8.3f} ms "
-              f"{row['fwd_bwd_tflops']:7.1f} TF/s {pct} of dense | peak {peak if peak is None else round(peak, 2)}"
+              f"{row['fwd_bwd_tflops']:7.1f} TF/s [{fb_min:.3f}-{fb_max:.3f} ms] {pct} of dense | "
+              f"peak {peak if peak is None else round(peak, 2)}"
               f" GiB | err y {err_y if err_y is None else f'{err_y:.2e}'} dx "
               f"{err_dx if err_dx is None else f'{err_dx:.2e}'} | dropped {row['dropped_frac']}", flush=True)
 
@@ -228,6 +249,7 @@ def write(rows, out_dir: str, device_name: str, args) -> str:
                         + (f"-{args.tag}" if args.tag else ""))
     meta = {"device": device_name, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "torch": torch.__version__, "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup,
+            "idle_s": args.idle, "load_s": args.load,
             "activation": "gelu", "flops": "2*T*k*d*f per GEMM, 2 GEMMs; x3 for fwd+bwd"}
     with open(stem + ".json", "w") as fh:
         json.dump({"meta": meta, "results": rows}, fh, indent=1)
@@ -235,7 +257,8 @@ def write(rows, out_dir: str, device_name: str, args) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [f"# bench_moe: {device_name}, {meta['date_utc'][:16]} UTC, torch {torch.__version__}, {args.dtype}",
-             "", f"Command: `{' '.join(sys.argv)}`. {meta['flops']}. Median of {args.reps} reps.", "",
+             "", f"Command: `{' '.join(sys.argv)}`. {meta['flops']}. Median of {args.reps} reps, each timing after "
+             f"{args.idle} s idle and {args.load} s of load.", "",
              "| shape | load max/mean | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | % dense "
              "(fwd+bwd) | peak GiB | rel err y | rel err dx | dropped |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -259,6 +282,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default="S1,S2,S3,S4")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--idle", type=float, default=1.0, help="seconds of idle GPU before each timing (see Power)")
+    ap.add_argument("--load", type=float, default=0.0, help="seconds of the timed function before its timing: "
+                    "the sustained, power-capped speed")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -278,7 +304,7 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{args.dtype}"
     print(f"device {device_name}, torch {torch.__version__}, {args.dtype}, backends "
           f"{[b[0] for b in backends]}", flush=True)
-    timer = Timer(device, args.reps, args.warmup)
+    timer = Timer(device, args.reps, args.warmup, args.idle, args.load)
     rows = []
     for name in args.shapes.split(","):
         rows += run_shape(name, SHAPES[name], backends, device, dtype, timer, not args.no_naive)

@@ -10,6 +10,11 @@ Per backend and shape it prints:
 - with --graph, gpu: time per step replaying the step captured in a CUDA graph (no host work at all: the GPU
   time alone), with the dense pair of matmuls of equal FLOPs (bench_moe.py's ceiling) captured the same way;
 - with --kernels, every GPU kernel of one step in launch order with its duration (torch.profiler);
+- with --timeline N, N back-to-back eager steps under torch.profiler: per step its period (start of its first
+  kernel to the next step's), the kernels' busy time and the idle time between them, and each kernel's spread
+  (min / median / max over the steps): it tells whether a slow step waited on the host or ran slower kernels;
+- with --drift N, N back-to-back steps each of the dense pair, the backend and its CUDA-graph replay, after 1 s
+  idle, as medians of every 10 steps: on an H100 at its power cap all three slow down within ~0.1 s;
 - with --profile, the cProfile top entries of 20 steps.
 Routing and shapes as in bench_moe.py. A step is bench_moe.py's: grads set to None, forward, backward.
 """
@@ -61,8 +66,8 @@ def wall_ms(step, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def graph_ms(step, steps: int) -> float:
-    """ms per replay of `step` captured in a CUDA graph (warmed up, so autotuning happens before capture)."""
+def captured(step):
+    """`step` captured in a CUDA graph (warmed up first, so autotuning happens before capture): its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -72,12 +77,18 @@ def graph_ms(step, steps: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    graph.replay()
+    return graph.replay
+
+
+def graph_ms(step, steps: int) -> float:
+    """ms per replay of `step` captured in a CUDA graph."""
+    replay = captured(step)
+    replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        graph.replay()
+        replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / steps
@@ -93,6 +104,47 @@ def kernel_list(step) -> list[tuple[str, float]]:
     return [(e.name, e.time_range.elapsed_us() / 1e3) for e in events]
 
 
+def drift(label: str, fn, steps: int) -> None:
+    """Prints the median ms of every 10 of `steps` back-to-back calls of fn, timed apart by CUDA events, after
+    1 s of idle GPU: whether the GPU slows under sustained load (power capping), whatever runs."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    torch.cuda.synchronize()
+    time.sleep(1.0)
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in events]
+    print(f"    drift {label:14s} ms per 10 steps: " + " ".join(f"{statistics.median(ms[i:i + 10]):.3f}"
+                                                           for i in range(0, steps, 10)), flush=True)
+
+
+def timeline(step, steps: int, per_step: int) -> None:
+    """Prints per-step period, busy and idle ms of `steps` back-to-back steps of `per_step` kernels each, then
+    every kernel's min / median / max ms over the steps."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    if len(events) != steps * per_step:
+        print(f"    timeline: {len(events)} kernels for {steps} steps of {per_step}: steps differ, skipped")
+        return
+    runs = [events[i * per_step:(i + 1) * per_step] for i in range(steps)]
+    rows = []
+    for i, run in enumerate(runs[:-1]):
+        period = (runs[i + 1][0].time_range.start - run[0].time_range.start) / 1e3
+        busy = sum(e.time_range.elapsed_us() for e in run) / 1e3
+        rows.append((period, busy))
+    print("    step period / busy / idle ms: " + "  ".join(f"{p:.3f}/{b:.3f}/{p - b:.3f}" for p, b in rows))
+    for j in range(per_step):
+        ms = sorted(run[j].time_range.elapsed_us() / 1e3 for run in runs)
+        print(f"    kernel {j:2d} min {ms[0]:.3f} median {ms[len(ms) // 2]:.3f} max {ms[-1]:.3f}  "
+              f"{runs[0][j].name[:80]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="scatter")
@@ -100,6 +152,10 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--graph", action="store_true", help="also time the step replayed from a CUDA graph")
     ap.add_argument("--kernels", action="store_true", help="list the kernels of one step with their durations")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="profile N back-to-back eager steps: per-step idle time and per-kernel spread")
+    ap.add_argument("--drift", type=int, default=0, metavar="N",
+                    help="time N back-to-back steps each of the dense pair, the backend and its CUDA-graph replay")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -139,11 +195,18 @@ def main():
                 ms = graph_ms(step, args.steps)
                 line += f" | gpu (graph) {ms:.3f} ms = {tflop / ms * 1e3:.0f} TFLOP/s"
             print(line, flush=True)
-            if args.kernels:
+            if args.drift:
+                drift("dense pair", dense_pair(T * k, d, f, dev, torch.bfloat16)[1], args.drift)
+                drift(f"{backend} eager", step, args.drift)
+                drift(f"{backend} graph", captured(step), args.drift)
+            if args.kernels or args.timeline:
                 kernels = kernel_list(step)
+            if args.kernels:
                 for kname, ms in kernels:
                     print(f"    {ms:8.3f} ms  {kname[:110]}")
                 print(f"    {sum(ms for _, ms in kernels):8.3f} ms  sum of {len(kernels)} kernels", flush=True)
+            if args.timeline:
+                timeline(step, args.timeline, len(kernels))
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
@@ -151,7 +214,7 @@ def main():
                     step()
                 prof.disable()
                 torch.cuda.synchronize()
-                pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def run_shape(name: str, only: str) -> dict:
     act = {"bwd act' dgates (elementwise)": lambda c: K.act_bwd(da, h, g, order, c)}
     for kernels, sweep, make in ((mm, MM_SWEEP, mm_config), (xty, XTY_SWEEP, xty_config), (act, ACT_SWEEP, act_config)):
         for label, launch in kernels.items():
-            if only not in label:
+            if not any(part in label for part in only.split(",")):
                 continue
             times = {}
             for c in sweep:
@@ -132,7 +132,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="S1,S2,S3,S4")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="", help="sweep only the kernels whose label contains this")
+    ap.add_argument("--only", default="", help="sweep only the kernels whose label contains one of these "
+                    "comma-separated strings")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     results = [run_shape(name, args.only) for name in args.shapes.split(",")]

@@ -56,6 +56,29 @@ def test_scatter_mm_layouts(scattered_in, scattered_out, dtype):
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("scattered_in,scattered_out", [(True, False), (False, True)])
+def test_scatter_mm_half_and_whole_last_tiles(scattered_in, scattered_out):
+    """An expert's last rows take a half tile when they fit one (BM = 64 here): counts whose remainders fall on
+    either side of 32, on it, and on whole tiles, with the layer-1 epilogue (h, act) and the gated layer 2."""
+    BM = K._MM_CONFIGS[0].kwargs["BM"]
+    counts = [0, 1, BM // 2, BM // 2 + 1, BM, BM + 3, BM + BM // 2 + 5, 2 * BM + BM // 2]
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))][:, None]
+    T, Kd, N, E = ids.shape[0], 48, 40, len(counts)
+    srt = sort_by_expert(ids, E)
+    assert srt.counts.tolist() == counts
+    x = torch.randn(T, Kd)
+    w = torch.randn(E, Kd, N) / Kd ** 0.5
+    gates = torch.rand(T)
+    y = K.scatter_mm(x, w, srt.order, srt.counts, 1, scattered_in, scattered_out,
+                     gates=gates if scattered_out else None)
+    ref = _mm_reference(x, w, ids, 1, scattered_in, scattered_out, gates if scattered_out else None)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    h, a = K.mlp_in_fwd(x, w, None, srt.order, srt.counts, 1)
+    h_ref = _mm_reference(x, w, ids, 1, True, False)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.double(), torch.nn.functional.gelu(h_ref, approximate="tanh"), rtol=1e-5, atol=1e-5)
+
+
 def test_replayed_autotune_pick_gives_the_same_result():
     """The second launch with the same key skips triton.autotune and replays its pick (kernels._launch); a row
     count within the same power of two (another expert-parallel shard) shares the key."""
