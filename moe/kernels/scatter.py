@@ -9,7 +9,7 @@ Row tiles never straddle experts: expert e gets ceil(counts[e] / BM) tiles, and 
 expert from `counts` on the device (no host sync); the grid is sized for the worst case
 ceil(T*k / BM) + E tiles and the programs past the last tile exit at once. An expert's last tile runs with
 BM / 2 rows when its rows fit: at bench_moe.py's S2 (~256 rows per expert) padding rows drop from 21% to 11%
-of those computed, and the four GEMM kernels from 1.365 to 1.318 ms on an H100 (S1 0.740 -> 0.712 ms).
+of those computed, and the four GEMM kernels from 1.365 to 1.318 ms on an H100 (S1 0.735 -> 0.712 ms).
 
 Fused epilogues for the expert MLP (EPI):
     0 plain: Y = acc, times the slot's gate if gates are given (layer 2 with gates, input gradients)
