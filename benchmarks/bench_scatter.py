@@ -146,16 +146,19 @@ def run_shape(name, dev, do_check, act) -> dict:
         g = routing.weights.reshape(-1).float().contiguous()
         h, act = K.mlp_in_fwd(x, w1, w3, srt.order, srt.counts, k)
         y = K.scatter_mm(act, w2, srt.order, srt.counts, k, False, True, gates=g)
-        da = K.scatter_mm(dy, w2.transpose(1, 2), srt.order, srt.counts, k, True, False)
+        dys = dy[tokens] if gmm else dy  # as the backward does: dout gathered once for dA and dW2 (grouped_mm)
+        da = K.scatter_mm(dys, w2.transpose(1, 2), srt.order, srt.counts, k, not gmm, False)
         dh, _, _ = K.act_bwd(da, h, g, srt.order)
         steps = {  # GEMM-kernel entries count one GEMM of FLOPs (two for the SwiGLU L1 fwd, dw1+dw3 and dx)
             "sort": lambda: sort_by_expert(routing.expert_ids, E),
             "L1 fwd x@w1 +act (h,a)": lambda: K.mlp_in_fwd(x, w1, w3, srt.order, srt.counts, k),
             "L2 fwd a@w2 *gate": lambda: K.scatter_mm(act, w2, srt.order, srt.counts, k, False, True, gates=g),
             "sum over k (fwd)": (lambda: _sum_slots(y, T, k)) if k > 1 else None,
-            "bwd da = dout@w2^T": lambda: K.scatter_mm(dy, w2.transpose(1, 2), srt.order, srt.counts, k, True, False),
+            "gather dout (grouped_mm route)": (lambda: dy[tokens]) if gmm else None,
+            "bwd da = dout@w2^T": lambda: K.scatter_mm(dys, w2.transpose(1, 2), srt.order, srt.counts, k, not gmm,
+                                                       False),
             "bwd act' dgates (elementwise)": lambda: K.act_bwd(da, h, g, srt.order),
-            "bwd dw2 ((g a)^T dout)": lambda: xty(act, dy, tokens, srt.counts, srt.offsets, False, True, gmm),
+            "bwd dw2 ((g a)^T dout)": lambda: xty(act, dys, tokens, srt.counts, srt.offsets, False, not gmm, gmm),
             "bwd dw1 (x^T dh)": lambda: xty(x, dh[:, :f], tokens, srt.counts, srt.offsets, True, False, gmm),
             "bwd dx (dh@w1^T)": lambda: K.scatter_mm(dh, w1.transpose(1, 2), srt.order, srt.counts, k, False, True,
                                                      w_2=w3t),

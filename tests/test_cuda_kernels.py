@@ -47,15 +47,17 @@ def test_replayed_compiled_kernel_equals_the_jit_launch():
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_scatter_experts_on_cuda_match_reference(activation):
+@pytest.mark.parametrize("f", [256, 2048])
+def test_scatter_experts_on_cuda_match_reference(activation, f):
     """Forward and every gradient in bf16 against the reference backend in fp32, over three steps (tuning,
-    the picked config, replay)."""
+    the picked config, replay); f = 2048 takes the backward's torch._grouped_mm route."""
     from moe.config import MoEConfig
     from moe.experts.reference import ReferenceExperts
-    from moe.experts.scatter import ScatterExperts
+    from moe.experts.scatter import ScatterExperts, grouped_mm_pays
     from moe.routing import Routing
 
-    T, d, f, E, k = 300, 128, 256, 8, 2
+    T, d, E, k = 300, 128, 8, 2
+    assert grouped_mm_pays(torch.empty(1, d, device="cuda", dtype=torch.bfloat16), d, f) == (f >= 2048)
     cfg = MoEConfig(num_experts=E, top_k=k)
     ref = ReferenceExperts(cfg, E, d, f, activation, 0.02, 0.02).cuda()
     sc = ScatterExperts(cfg, E, d, f, activation, 0.02, 0.02).cuda()

@@ -168,13 +168,14 @@ def test_backend_matches_reference(case, activation):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_backward_with_grouped_mm_weight_gradients(monkeypatch, activation):
+@pytest.mark.parametrize("case", ["empty_expert", "basic_k2"])
+def test_backward_with_grouped_mm_weight_gradients(monkeypatch, case, activation):
     """The backward's torch._grouped_mm route (taken for wide experts in bf16 on CUDA), forced here in fp32
-    on CPU: x gathered once for dW1 and dW3, dW2 from the gathered dout, an empty expert included."""
+    on CPU: x gathered once for dW1 and dW3, dout gathered once for dA and dW2, an empty expert, top-2."""
     import moe.experts.scatter as scatter_backend
 
     monkeypatch.setattr(scatter_backend, "grouped_mm_pays", lambda dout, d, f: True)
-    _check_backend("empty_expert", activation)
+    _check_backend(case, activation)
 
 
 def _check_backend(case, activation):

@@ -1,11 +1,13 @@
 """ScatterMoE backend: layer 1 scattered->grouped (activation fused), layer 2 grouped->scattered with the gates.
 
-No padded or grouped copy of x exists in forward or backward: kernels read x and dout rows by index.
+No padded or grouped copy of x exists in the forward: kernels read x rows by index. The backward does the same,
+except where torch._grouped_mm computes the weight gradients (wide experts, bf16 on CUDA: see xty): there x and
+dout are gathered into expert order once each, transients of the backward.
 Saved for backward: x [T, d], the pre-activation h [T*k, f] ([T*k, 2f] for SwiGLU), the gates and the
 sort (order, counts); the activation is recomputed in backward.
 
 Backward, with dout [T, d] (s = slot of sorted position p, t = s // k, g = gates[s]):
-    da[p] = dout[t] @ w2[e]^T                                    (scatter_mm scattered->grouped)
+    da[p] = dout[t] @ w2[e]^T                                    (scatter_mm scattered (or gathered) ->grouped)
     a = act(h);  dgates[s] = <a[p], da[p]> (= <y_exp[s], dout[t]>);
     dh[p] = g * da[p] * act'(h[p]);  ga[p] = g * a[p]            (act_bwd, one pass over the rows)
     dw2[e] = sum_p ga[p]^T dout[t];  dw1[e] = sum_p x[t]^T dh[p]  (group_xty, or torch._grouped_mm: see xty)
@@ -72,12 +74,13 @@ class ScatterMLP(torch.autograd.Function):
     def backward(ctx, dout):
         x, h, gates_flat, w1, w3, w2, order, counts, ends = ctx.saved_tensors
         k, T, f = ctx.top_k, x.shape[0], w1.shape[2]
-        dh, ga, dgates = K.mlp_out_bwd(dout, w2, h, gates_flat, order, counts, k)
         tokens = order if k == 1 else order // k  # [T*k] token of each sorted position
         gmm = grouped_mm_pays(dout, x.shape[1], f)
-        if gmm:
+        if gmm:  # grouped_mm wants dout in expert order: gathered once, read grouped by dA's kernel too
+            dout = dout[tokens]
             ends = ends.to(torch.int32)  # torch._grouped_mm's offsets, converted once for every weight gradient
-        dw2 = xty(ga, dout, tokens, counts, ends, x_scattered=False, dy_scattered=True, grouped_mm=gmm)
+        dh, ga, dgates = K.mlp_out_bwd(dout, w2, h, gates_flat, order, counts, k, dout_grouped=gmm)
+        dw2 = xty(ga, dout, tokens, counts, ends, x_scattered=False, dy_scattered=not gmm, grouped_mm=gmm)
         del ga
         xs = x[tokens] if gmm else x  # grouped_mm wants x in expert order: gathered once for dw1 and dw3
         dw1 = xty(xs, dh[:, :f], tokens, counts, ends, x_scattered=not gmm, dy_scattered=False, grouped_mm=gmm)

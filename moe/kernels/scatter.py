@@ -376,11 +376,13 @@ def act_bwd(da: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch
 
 
 def mlp_out_bwd(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
-                counts: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward through layer 2 and the activation: dout [T, d], w2 [E, f, d], h as from `mlp_in_fwd`,
-    gates [T*k] fp32 (fp64 for fp64 operands) -> dh (shaped like h, sorted), gate * act(h) [T*k, f] (sorted),
-    dgates [T*k] in the gates' dtype."""
-    da = scatter_mm(dout, w2.transpose(1, 2), order, counts, top_k, scattered_in=True, scattered_out=False)
+                counts: torch.Tensor, top_k: int,
+                dout_grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through layer 2 and the activation: dout [T, d] (or its rows in sorted order, [T*k, d], with
+    `dout_grouped`), w2 [E, f, d], h as from `mlp_in_fwd`, gates [T*k] fp32 (fp64 for fp64 operands) ->
+    dh (shaped like h, sorted), gate * act(h) [T*k, f] (sorted), dgates [T*k] in the gates' dtype."""
+    da = scatter_mm(dout, w2.transpose(1, 2), order, counts, top_k, scattered_in=not dout_grouped,
+                    scattered_out=False)
     return act_bwd(da, h, gates, order)
 
 
