@@ -84,11 +84,10 @@ class Timer:
     def __init__(self, device: torch.device, reps: int, warmup: int, idle_s: float = 0.0, load_s: float = 0.0):
         self.cuda, self.reps, self.warmup, self.device = device.type == "cuda", reps, warmup, device
         self.idle_s, self.load_s = (idle_s, load_s) if self.cuda else (0.0, 0.0)
-        self.spread = (None, None)  # (min, max) ms of the reps of the last call
+        self.times: list[float] = []  # ms of each rep of the last call, in order
 
     def __call__(self, fn) -> float:
-        """Median milliseconds of fn() after idle_s idle and load_s of fn(); self.spread gets the fastest and
-        slowest rep."""
+        """Median milliseconds of fn() after idle_s idle and load_s of fn(); self.times gets every rep's."""
         if self.idle_s:
             torch.cuda.synchronize()
             time.sleep(self.idle_s)
@@ -104,7 +103,7 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-            self.spread = (min(times), max(times))
+            self.times = times
             return statistics.median(times)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.reps)]
@@ -114,9 +113,8 @@ class Timer:
             fn()
             end.record()
         torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-        self.spread = (min(times), max(times))
-        return statistics.median(times)
+        self.times = [s.elapsed_time(e) for s, e in events]
+        return statistics.median(self.times)
 
     def peak_gib(self, fn) -> float | None:
         """Peak memory allocated by fn() above what was allocated before, GiB."""
@@ -191,7 +189,7 @@ def run_shape(name, shape, backends, device, dtype, timer, naive: bool):
     rows = []
 
     def record(label, t_fwd, t_fb, peak, err_y=None, err_dx=None, dropped=None):
-        fb_min, fb_max = timer.spread  # of the fwd+bwd reps (timed last)
+        fb_min, fb_max = min(timer.times), max(timer.times)  # of the fwd+bwd reps (timed last)
         row = {"shape": name, "T": T, "d": d, "f": f, "E": E, "k": k, "load_max_over_mean": round(skew, 3),
                "backend": label, "fwd_ms": t_fwd, "fwd_bwd_ms": t_fb,
                "fwd_bwd_ms_min": fb_min, "fwd_bwd_ms_max": fb_max,

@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_moe import SHAPES, dense_pair, make_routing  # noqa: E402
+from benchmarks.bench_moe import SHAPES, Timer, dense_pair, make_routing  # noqa: E402
 from moe.config import MoEConfig  # noqa: E402
 from moe.experts import backend_class  # noqa: E402
 
@@ -107,15 +107,9 @@ def kernel_list(step) -> list[tuple[str, float]]:
 def drift(label: str, fn, steps: int) -> None:
     """Prints the median ms of every 10 of `steps` back-to-back calls of fn, timed apart by CUDA events, after
     1 s of idle GPU: whether the GPU slows under sustained load (power capping), whatever runs."""
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    torch.cuda.synchronize()
-    time.sleep(1.0)
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    ms = [s.elapsed_time(e) for s, e in events]
+    timer = Timer(torch.device("cuda"), steps, warmup=0, idle_s=1.0)
+    timer(fn)
+    ms = timer.times
     print(f"    drift {label:14s} ms per 10 steps: " + " ".join(f"{statistics.median(ms[i:i + 10]):.3f}"
                                                            for i in range(0, steps, 10)), flush=True)
 
