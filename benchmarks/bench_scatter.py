@@ -171,7 +171,7 @@ def run_shape(name, dev, do_check, act) -> dict:
                 res["breakdown_ms"][key] = bench(fn)
         assert torch.equal(srt.order, order0), "a kernel wrote into the sort indices"
         res["configs"] = {f"{fn.fn.__name__}{key[:8]}": str(cfg) for fn in (K._scatter_mm_kernel, K._group_xty_kernel)
-                          for key, cfg in fn.cache.items() if key[0] == triton.next_power_of_2(T * k)}
+                          for key, cfg in fn.cache.items() if key[0] == K._rows_key(T * k)}
         a2 = torch.randn(T * k, d, device=dev, dtype=torch.bfloat16)
         b2 = torch.randn(d, f, device=dev, dtype=torch.bfloat16)
         res["breakdown_ms"]["dense one GEMM (cuBLAS)"] = bench(lambda: a2 @ b2)

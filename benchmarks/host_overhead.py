@@ -94,14 +94,19 @@ def graph_ms(step, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
+def kernel_events(step, steps: int = 1) -> list:
+    """torch.profiler's events of every GPU kernel of `steps` back-to-back steps, in start order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+
+
 def kernel_list(step) -> list[tuple[str, float]]:
     """(name, device ms) of every GPU kernel of one step, in launch order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    events.sort(key=lambda e: e.time_range.start)
-    return [(e.name, e.time_range.elapsed_us() / 1e3) for e in events]
+    return [(e.name, e.time_range.elapsed_us() / 1e3) for e in kernel_events(step)]
 
 
 def drift(label: str, fn, steps: int) -> None:
@@ -117,12 +122,7 @@ def drift(label: str, fn, steps: int) -> None:
 def timeline(step, steps: int, per_step: int) -> None:
     """Prints per-step period, busy and idle ms of `steps` back-to-back steps of `per_step` kernels each, then
     every kernel's min / median / max ms over the steps."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                    key=lambda e: e.time_range.start)
+    events = kernel_events(step, steps)
     if len(events) != steps * per_step:
         print(f"    timeline: {len(events)} kernels for {steps} steps of {per_step}: steps differ, skipped")
         return

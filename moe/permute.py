@@ -32,7 +32,7 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
 def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> Sorted:
     """Stable sort of the flat [T*k] expert ids: within an expert, assignments stay in token order.
 
-    On the GPU with up to COUNTING_SORT_MAX_EXPERTS experts: a counting sort in three launches
+    On the GPU with up to COUNTING_SORT_MAX_EXPERTS experts: a counting sort in two launches
     (moe/kernels/sort.py). Else torch.sort of the keys as int16 (fewer radix passes than int64) and the group
     ends by a binary search of the sorted keys."""
     key_type = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
