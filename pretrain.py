@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from train.errors import ConfigError
+from errors import ConfigError
 
 
 def parse_args(argv=None):
@@ -29,12 +29,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from train.config import load_config, save_config
+    from train.plan import plan_run
     world_size = args.world_size if args.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides, world_size)
+        plan = plan_run(cfg, world_size)  # the derived sizes, computed once
         if args.dry_run:
-            from parallel.dryrun import report
-            print(report(cfg, world_size, cfg.model.vocab_size or tokenizer_vocab(cfg.data)))
+            from train.dryrun import report
+            print(report(cfg, plan))
             return 0
     except ConfigError as e:
         print(e, file=sys.stderr)
@@ -42,10 +44,11 @@ def main(argv=None) -> int:
 
     from data.loader import GPTData
     from model.gpt import GPT
-    from parallel.layers import build_layers
+    from parallel.factory import build_layers
+    from parallel.grads import GradSync
     from parallel.state import init_parallel, shutdown_parallel
-    from train.metrics import MetricsLogger
     from train.checkpoint import Checkpointer, CheckpointError
+    from train.metrics import MetricsLogger
     from train.signals import StopRequest
     from train.trainer import Trainer, TrainingDiverged, resolve_device
 
@@ -62,23 +65,21 @@ def main(argv=None) -> int:
     data = GPTData(cfg.data, t.seed, train_samples=t.steps * t.global_batch_size,
                    valid_samples=max(t.eval_batches * t.micro_batch_size * ps.dp_size, 1),
                    dp_rank=ps.dp_rank, dp_size=ps.dp_size)
-    vocab = cfg.model.vocab_size or data.vocab_size
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model, cfg.moe, vocab, cfg.data.seq_length, build_layers(ps)).to(device)
-    for layer in model.moe_layers():
-        layer.group = ps.dp_group  # global load-balance loss and expert-bias loads: summed over data parallel
+    model = GPT(cfg.model, cfg.moe, plan.vocab_size, cfg.data.seq_length, build_layers(ps)).to(device)
     if t.compile:
         for block in model.blocks:
             block.compile()
     if ps.is_main:
         n = model.num_params()
         print(f"model: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token; "
-              f"vocab {vocab}; device {device}", flush=True)
+              f"vocab {plan.vocab_size}; device {device}", flush=True)
     logger = MetricsLogger(run_dir, ps.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
                            cfg.logging.tensorboard, cfg.to_dict())
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, ps, cfg.to_dict())
     stop = StopRequest(device)  # SIGTERM / SIGUSR1: finish the step, save, exit 0
-    trainer = Trainer(cfg, model, data, ps, logger, checkpointer, stop)
+    trainer = Trainer(t, plan, model, data, ps, logger, GradSync(model, ps, cfg.parallel.bucket_mb), checkpointer,
+                      stop)
     try:
         resume_from = checkpointer.resolve(cfg.checkpoint.resume)
         if resume_from is not None:
@@ -92,16 +93,6 @@ def main(argv=None) -> int:
         logger.close()
         shutdown_parallel()
     return 0
-
-
-def tokenizer_vocab(data_cfg) -> int:
-    """The model vocabulary a run would use: the tokenizer's, padded to data.vocab_divisible_by."""
-    from data.tokenizer import load_tokenizer, padded_vocab_size
-    try:
-        tokenizer = load_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_type)
-    except (OSError, ValueError) as e:
-        raise ConfigError("data.tokenizer", f"cannot be loaded ({e}); or set model.vocab_size=N") from e
-    return padded_vocab_size(tokenizer.vocab_size, data_cfg.vocab_divisible_by)
 
 
 if __name__ == "__main__":

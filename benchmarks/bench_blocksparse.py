@@ -5,15 +5,17 @@ For each shape: bf16 forward and forward+backward of BlockSparseExperts against 
 ceiling, and a per-kernel breakdown. Then the paper's kernel claim: SDD and DSD on balanced groups
 against torch.bmm of equal FLOPs.
 
-Useful FLOPs: 2·T·k·d·f per GEMM, two GEMMs forward, three times that forward+backward.
-Routing: top-k of softmax((z + 0.1·mu) · W_r) with z ~ N(0, I) per token and one shared mu, which skews
-the expert loads (max/mean is printed).
+A step is bench_moe.py's: the local dispatcher, the experts, the combine (which applies the gates: the gate
+gradient `dgates` comes through it). Useful FLOPs: 2·T·k·d·f per GEMM, two GEMMs forward, three times that
+forward+backward. Routing: top-k of softmax((z + 0.1·mu) · W_r) with z ~ N(0, I) per token and one shared mu,
+which skews the expert loads (max/mean is printed).
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_blocksparse.py [--shapes S1,S2,S3,S4] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,13 +28,14 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.config import MoEConfig  # noqa: E402
+from benchmarks.bench_moe import expert_step, routing_of  # noqa: E402
+from moe.config import KernelConfig  # noqa: E402
+from moe.dispatch import LocalDispatcher  # noqa: E402
 from moe.experts.blocksparse import BlockSparseExperts  # noqa: E402
 from moe.experts.reference import ReferenceExperts  # noqa: E402
 from moe.kernels import blocksparse as bs  # noqa: E402
-from moe.kernels.topology import (expert_topology, max_block_rows, padded_destinations,  # noqa: E402
-                                  padded_sources)
-from moe.permute import sort_by_expert  # noqa: E402
+from moe.kernels.sort import sort_by_expert  # noqa: E402
+from moe.kernels.topology import expert_topology, max_block_rows, padded_destinations, padded_sources  # noqa: E402
 from moe.routing import Routing  # noqa: E402
 
 SHAPES = {  # T, d, f, E, k, target fwd+bwd TFLOP/s
@@ -52,9 +55,7 @@ def bench(fn, rep_ms=400) -> float:
 def skewed_routing(T: int, d: int, E: int, k: int) -> Routing:
     z, mu = torch.randn(T, d, device="cuda"), torch.randn(d, device="cuda")
     w_r = torch.randn(d, E, device="cuda") / d ** 0.5
-    probs = torch.softmax((z + 0.1 * mu) @ w_r, dim=-1)
-    weights, ids = probs.topk(k, dim=-1)
-    return Routing(ids, weights, probs, torch.zeros((), device="cuda"), torch.zeros((), device="cuda"), E)
+    return routing_of((z + 0.1 * mu) @ w_r, k)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,12 +63,89 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def dense_pair_ms(N: int, d: int, f: int) -> tuple[float, float]:
+    """(fwd, fwd+bwd) ms of the cuBLAS matmul pair [N, d] @ [d, f] @ [f, d]."""
+    xd = torch.randn(N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1 = torch.randn(d, f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w2 = torch.randn(f, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dd = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
+    return bench(lambda: (xd @ w1) @ w2), do_bench(lambda: ((xd @ w1) @ w2).backward(dd), warmup=50, rep=600,
+                                                   grad_to_none=[xd, w1, w2], return_mode="median")
+
+
+def breakdown(model: BlockSparseExperts, routing: Routing, x: torch.Tensor, dout: torch.Tensor) -> dict:
+    """Each piece of the step alone on this routing: metadata, permutation, the combine, the six products."""
+    (T, k), E, f, d = routing.expert_ids.shape, routing.num_experts, model.ffn_hidden_size, x.shape[1]
+    R = max_block_rows(T * k, E, B)
+
+    def metadata():  # the dispatcher's sort, then what BlockSparseExperts.compute derives from it
+        s = sort_by_expert(routing.expert_ids, E)
+        dest = padded_destinations(s, B)  # padded row of each sorted position
+        slot_dest = torch.empty_like(dest).scatter_(0, s.order, dest)  # of each slot
+        return (expert_topology(s.counts, f, B, R), dest.view(-1, 1), slot_dest.view(T, k),
+                padded_sources(dest, R * B), padded_sources(slot_dest, R * B))
+    topo, dest, slot_dest, src, slot_src = metadata()
+    t_pad = int(topo.num_block_rows) * B
+    xp = torch.zeros(R * B, d, device="cuda", dtype=torch.bfloat16)
+    xp[:t_pad].normal_()
+    dy = torch.zeros_like(xp)
+    dy[:t_pad].normal_()
+    w1, w2 = model.w1.detach(), model.w2.detach()
+    h, a = bs.sdd(xp, w1, topo, act=bs.ACT_GELU)
+    # the combine: experts' output rows (grouped) -> [T, d] with the gates, and back (dy grouped, dgates)
+    dispatcher = LocalDispatcher()
+    gates = routing.weights.detach().clone().requires_grad_()
+    _, handle = dispatcher.dispatch(x, dataclasses.replace(routing, weights=gates))
+    y = torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def combine():
+        return torch.autograd.grad(dispatcher.combine(y, handle), (y, gates), dout)
+    dy_grouped = combine()[0]
+    products = {
+        "SDD+GELU  H=X·W1": lambda: bs.sdd(xp, w1, topo, act=bs.ACT_GELU),
+        "DSD       Y=A·W2": lambda: bs.dsd(a, w2, topo),
+        "SDDt·GELU' dH": lambda: bs.sdd(dy, w2, topo, trans_w=True, act=bs.ACT_GELU_GRAD, aux=h),
+        "DSTD      dW2=Aᵀ·dY": lambda: bs.dstd(a, dy, topo),
+        "DSDt      dX=dH·W1ᵀ": lambda: bs.dsd(h, w1, topo, trans_w=True),
+        "DDtS      dW1=Xᵀ·dH": lambda: bs.ddts(xp, h, topo),
+    }
+    others = {
+        "metadata (sort, topology, destinations)": metadata,
+        "permute (pad x, un-pad y, pad dy, dx)": lambda: (
+            bs.pad_rows(x, slot_src, k), bs.combine_rows(xp, dest), bs.pad_rows(dy_grouped, src, 1),
+            bs.combine_rows(dy, slot_dest)),
+        "combine (gates; bwd: dy grouped, dgates)": combine,
+    }
+    ms = {n: bench(fn, 200) for n, fn in {**others, **products}.items()}
+    gemm = 2 * T * k * d * f  # useful FLOPs of one product
+    return {"T_pad_over_Tk": t_pad / (T * k), "breakdown_ms": ms,
+            "breakdown_tflops": {n: gemm / ms[n] * 1e-9 for n in products}}
+
+
+def balanced(model: BlockSparseExperts, T: int, k: int) -> dict:
+    """The paper's claim: balanced groups of equal FLOPs, SDD and DSD against torch.bmm."""
+    E, d, f = model.num_experts, model.hidden_size, model.ffn_hidden_size
+    w1, w2 = model.w1.detach(), model.w2.detach()
+    n = max(B, round(T * k / E / B) * B)
+    tb = expert_topology(torch.full((E,), n, device="cuda"), f, B, E * n // B)
+    xb = torch.randn(E * n, d, device="cuda", dtype=torch.bfloat16)
+    ab = torch.randn(E * n // B * (f // B), B, B, device="cuda", dtype=torch.bfloat16)
+    ms_sdd = bench(lambda: bs.sdd(xb, w1, tb))
+    ms_dsd = bench(lambda: bs.dsd(ab, w2, tb))
+    ms_bmm1 = bench(lambda: torch.bmm(xb.view(E, n, d), w1))
+    ab_dense = torch.randn(E, n, f, device="cuda", dtype=torch.bfloat16)
+    ms_bmm2 = bench(lambda: torch.bmm(ab_dense, w2))
+    return {"tokens_per_expert": n, "sdd_over_bmm": ms_bmm1 / ms_sdd, "dsd_over_bmm": ms_bmm2 / ms_dsd,
+            "bmm_tflops": 2 * E * n * d * f / ms_bmm1 * 1e-9, "sdd_tflops": 2 * E * n * d * f / ms_sdd * 1e-9,
+            "dsd_tflops": 2 * E * n * d * f / ms_dsd * 1e-9}
+
+
 def run_shape(name: str, T, d, f, E, k, target) -> dict:
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=E, top_k=k, backend="blocksparse", block_size=B)
-    model = BlockSparseExperts(cfg, E, d, f, "gelu", 0.02, 0.02 / 2).cuda().to(torch.bfloat16)
+    model = BlockSparseExperts(E, d, f, "gelu", 0.02, 0.02 / 2, kernels=KernelConfig(B)).cuda().to(torch.bfloat16)
+    step = expert_step(model)
     routing = skewed_routing(T, d, E, k)
-    counts = torch.bincount(routing.expert_ids.flatten(), minlength=E).float()
+    counts = routing.counts.float()
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     flops_fwd = 2 * 2 * T * k * d * f
@@ -78,10 +156,10 @@ def run_shape(name: str, T, d, f, E, k, target) -> dict:
     def fwd_bwd(m, xx, dtype):
         xx = xx.to(dtype).requires_grad_()
         gates = routing.weights.clone().requires_grad_()
-        y, _ = m(xx, Routing(routing.expert_ids, gates, routing.probs, routing.aux_loss, routing.z_loss, E))
+        y, _ = expert_step(m)(xx, dataclasses.replace(routing, weights=gates))
         y.backward(dout.to(dtype))
         return [y, xx.grad, gates.grad, m.w1.grad, m.w2.grad]
-    ref = ReferenceExperts(cfg, E, d, f, "gelu", 0.02, 0.01).cuda()
+    ref = ReferenceExperts(E, d, f, "gelu", 0.02, 0.01).cuda()
     ref.load_state_dict({n: p.float() for n, p in model.state_dict().items()})
     want = fwd_bwd(ref, x, torch.float32)
     got = fwd_bwd(model, x, torch.bfloat16)
@@ -94,7 +172,7 @@ def run_shape(name: str, T, d, f, E, k, target) -> dict:
     params = [xg] + list(model.parameters())
 
     def fwd():
-        return model(xg, routing)[0]
+        return step(xg, routing)[0]
 
     def fwd_bwd_once():
         fwd().backward(dout)
@@ -104,68 +182,12 @@ def run_shape(name: str, T, d, f, E, k, target) -> dict:
     out["fwd_bwd_tflops"] = 3 * flops_fwd / out["fwd_bwd_ms"] * 1e-9
 
     # --- dense ceiling: a cuBLAS matmul pair of equal FLOPs, forward and forward+backward
-    xd = torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w1 = torch.randn(d, f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w2 = torch.randn(f, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dd = torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16)
-    out["dense_fwd_ms"] = bench(lambda: (xd @ w1) @ w2)
-    out["dense_fwd_bwd_ms"] = do_bench(lambda: ((xd @ w1) @ w2).backward(dd), warmup=50, rep=600,
-                                       grad_to_none=[xd, w1, w2], return_mode="median")
+    out["dense_fwd_ms"], out["dense_fwd_bwd_ms"] = dense_pair_ms(T * k, d, f)
     out["dense_fwd_bwd_tflops"] = 3 * flops_fwd / out["dense_fwd_bwd_ms"] * 1e-9
-    del xd, w1, w2, dd
 
-    # --- breakdown: each kernel alone on this routing
-    R = max_block_rows(T * k, E, B)
-
-    def metadata():
-        s = sort_by_expert(routing.expert_ids, E)
-        dest = padded_destinations(s, B)
-        return expert_topology(s.counts, f, B, R), dest.view(T, k), padded_sources(dest, R * B)
-    topo, dest, src = metadata()
-    t_pad = int(topo.num_block_rows) * B
-    out["T_pad_over_Tk"] = t_pad / (T * k)
-    xp = torch.zeros(R * B, d, device="cuda", dtype=torch.bfloat16)
-    xp[:t_pad].normal_()
-    dy = torch.zeros_like(xp)
-    dy[:t_pad].normal_()
-    w1, w2 = model.w1.detach(), model.w2.detach()
-    h, a = bs.sdd(xp, w1, topo, act=bs.ACT_GELU)
-    gemm = 2 * T * k * d * f  # useful FLOPs of one product
-    products = {
-        "SDD+GELU  H=X·W1": lambda: bs.sdd(xp, w1, topo, act=bs.ACT_GELU),
-        "DSD       Y=A·W2": lambda: bs.dsd(a, w2, topo),
-        "SDDt·GELU' dH": lambda: bs.sdd(dy, w2, topo, trans_w=True, act=bs.ACT_GELU_GRAD, aux=h),
-        "DSTD      dW2=Aᵀ·dY": lambda: bs.dstd(a, dy, topo),
-        "DSDt      dX=dH·W1ᵀ": lambda: bs.dsd(h, w1, topo, trans_w=True),
-        "DDtS      dW1=Xᵀ·dH": lambda: bs.ddts(xp, h, topo),
-    }
-    others = {
-        "metadata (sort, topology)": metadata,
-        "permute (pad x, un-permute y, pad dy, gate grads, dx)": lambda: (
-            bs.pad_rows(x, src, k), bs.combine_rows(xp, dest, routing.weights),
-            bs.pad_rows(dout, src, k, scale=routing.weights.reshape(-1)), bs.row_dots(xp, dest, dout),
-            bs.combine_rows(dy, dest)),
-    }
-    out["breakdown_ms"] = {n: bench(fn, 200) for n, fn in {**others, **products}.items()}
-    out["breakdown_tflops"] = {n: gemm / out["breakdown_ms"][n] * 1e-9 for n in products}
+    out.update(breakdown(model, routing, x, dout))
     out["rest_ms"] = out["fwd_bwd_ms"] - sum(out["breakdown_ms"].values())
-    del h, a, xp, dy
-
-    # --- paper claim: balanced groups of equal FLOPs, SDD and DSD against torch.bmm
-    n = max(B, round(T * k / E / B) * B)
-    counts_bal = torch.full((E,), n, device="cuda")
-    tb = expert_topology(counts_bal, f, B, E * n // B)
-    xb = torch.randn(E * n, d, device="cuda", dtype=torch.bfloat16)
-    ab = torch.randn(E * n // B * (f // B), B, B, device="cuda", dtype=torch.bfloat16)
-    ms_sdd = bench(lambda: bs.sdd(xb, w1, tb))
-    ms_dsd = bench(lambda: bs.dsd(ab, w2, tb))
-    ms_bmm1 = bench(lambda: torch.bmm(xb.view(E, n, d), w1))
-    ab_dense = torch.randn(E, n, f, device="cuda", dtype=torch.bfloat16)
-    ms_bmm2 = bench(lambda: torch.bmm(ab_dense, w2))
-    out["balanced"] = {"tokens_per_expert": n, "sdd_over_bmm": ms_bmm1 / ms_sdd, "dsd_over_bmm": ms_bmm2 / ms_dsd,
-                       "bmm_tflops": 2 * E * n * d * f / ms_bmm1 * 1e-9,
-                       "sdd_tflops": 2 * E * n * d * f / ms_sdd * 1e-9,
-                       "dsd_tflops": 2 * E * n * d * f / ms_dsd * 1e-9}
+    out["balanced"] = balanced(model, T, k)
     out["configs"] = {k.fn.__name__: str(getattr(k, "best_config", None))
                       for k in (bs._sdd_kernel, bs._dsd_kernel, bs._dstd_kernel)}
     return out
@@ -186,9 +208,9 @@ def report(results: list[dict]) -> str:
             f"| {r['fwd_bwd_tflops']:.0f} | {r['target']} | {r['dense_fwd_bwd_tflops']:.0f} "
             f"| {100 * r['fwd_bwd_tflops'] / r['dense_fwd_bwd_tflops']:.0f}% "
             f"| {e['y']:.1e}, {e['dx']:.1e}, {e['dgates']:.1e}, {e['dw1']:.1e}, {e['dw2']:.1e} |")
-    lines += ["", "| shape | " + " | ".join(next(iter([r for r in results if "error" not in r]), {"breakdown_ms": {}})
-                                         ["breakdown_ms"]) + " | rest (autograd, allocation, launches) |",
-              "|---|" + "---|" * 9]
+    pieces = next((list(r["breakdown_ms"]) for r in results if "error" not in r), [])
+    lines += ["", "| shape | " + " | ".join(pieces) + " | rest (autograd, allocation, launches) |",
+              "|---|" + "---|" * (len(pieces) + 1)]
     for r in results:
         if "error" in r:
             continue

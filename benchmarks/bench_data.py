@@ -23,6 +23,8 @@ from data.loader import GPTData  # noqa: E402
 from data.preprocess import tokenize_to_indexed  # noqa: E402
 from data.readers import read_records  # noqa: E402
 
+ACCUMULATION = 8  # micro-batches per global batch
+
 
 def bench_preprocess(jsonl: str, tokenizer: str, copies: int, workers: int, out: str) -> tuple[float, int, float]:
     summary = tokenize_to_indexed(read_records([jsonl] * copies), out, tokenizer, workers=workers, progress=False)
@@ -34,10 +36,10 @@ def bench_loader(prefix: str, tokenizer: str, seq_length: int, samples: int, mic
     cfg = DataConfig(paths=[prefix], tokenizer=tokenizer, seq_length=seq_length, split="100,0,0",
                      cache_dir=cache_dir, prefetch=prefetch)
     data = GPTData(cfg, seed=1, train_samples=samples, valid_samples=0)
-    for _ in data.train_batches(0, micro_batch, micro_batch * 8):  # warm the page cache: one pass
+    for _ in data.train_batches(0, micro_batch, ACCUMULATION):  # warm the page cache: one pass
         pass
     start, tokens = time.perf_counter(), 0
-    for batch in data.train_batches(0, micro_batch, micro_batch * 8):
+    for batch in data.train_batches(0, micro_batch, ACCUMULATION):
         tokens += batch.numel()
     return tokens / (time.perf_counter() - start)
 

@@ -27,7 +27,8 @@ def run_one(spec: str, args) -> dict:
     run_dir = Path(args.run_root) / spec.replace("@", "_").replace("=", "-")
     cmd = [sys.executable, str(ROOT / "pretrain.py"), "--config", str(ROOT / f"configs/{name}.yaml"),
            f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-           f"train.global_batch_size={args.global_batch or args.micro_batch}", f"train.log_interval={args.log_interval}",
+           f"train.global_batch_size={args.global_batch or args.micro_batch}",
+           f"train.log_interval={args.log_interval}",
            "train.eval_interval=0", "checkpoint.save=false", f"train.compile={str(args.compile).lower()}",
            f"logging.run_dir={run_dir}", *args.set, *own]
     print("$", " ".join(cmd), flush=True)
@@ -78,7 +79,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today()}-{device.replace(' ', '_')}-e2e"
-    (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": rows + failed, "args": vars(args)}, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": rows + failed, "args": vars(args)},
+                                                 indent=1))
     (out / f"{stem}.md").write_text(table + "\n")
 
 

@@ -1,19 +1,22 @@
-"""Expert-backend benchmark: forward and forward+backward of the experts alone, against a dense pair of
-matmuls of equal FLOPs (the ceiling) and the naive per-expert loop (the `reference` backend).
+"""Expert-backend benchmark: forward and forward+backward of the experts behind a fixed routing, against a dense
+pair of matmuls of equal FLOPs (the ceiling) and the naive per-expert loop (the `reference` backend).
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_moe.py --backends padded:cf=0,padded:cf=1,grouped --shapes S1,S3
     python benchmarks/bench_moe.py --dry-run          # tiny shape, CPU allowed: a smoke test
 
-A backend is `name[:key=value...]`, the keys being moe.* config keys (`cf` = capacity_factor), e.g.
-`padded:cf=1:drop_policy=probability`. Activation GELU, bf16 activations and weights (fp32 in --dry-run on CPU).
+A backend is `name[:key=value...]`, the keys being dotted moe.* config keys (`capacity.factor`) or short forms:
+`cf` and the flat keys of earlier versions (`drop_policy`, `rectify_intra`, `block_size`, ...), e.g.
+`padded:cf=1:drop_policy=probability`. A timed step is what the MoE layer runs after its router (moe/layer.py)
+on one rank: the capacity step (padded backend), the local dispatcher, the experts, the combine (gates).
+Activation GELU, bf16 activations and weights (fp32 in --dry-run on CPU).
 Useful FLOPs: 2*T*k*d*f per GEMM, two GEMMs, x3 for forward+backward. Routing: a fixed-seed random router
 on inputs z + 0.1*mu (z ~ N(0, I) per token, mu one fixed N(0, I) vector): softmax top-k with realistic skew;
 its max/mean expert load is printed. Timings: median over --reps of CUDA-event intervals after --warmup.
-Power: an H100 at its 700 W cap lowers its clocks after ~50-100 ms of dense load (1980 -> 1500-1800 MHz; the
-dense pair slows 12%, benchmarks/results/2026-11-22-h100-power.md), so a timing depends on what ran just
-before it. Every timing therefore starts from the same state: --idle seconds with the GPU idle (clocks back
-up), then --warmup and --reps ("burst": a layer between others in a training step); with --load S the
-function first runs for S seconds ("sustained": the power-capped steady state). Dense and backends alike.
+Power: an H100 at its power cap lowers its clocks after a short while of dense load (the power-cap study in
+benchmarks/results/README.md), so a timing depends on what ran just before it. Every timing therefore starts
+from the same state: --idle seconds with the GPU idle (clocks back up), then --warmup and --reps ("burst": a
+layer between others in a training step); with --load S the function first runs for S seconds ("sustained":
+the power-capped steady state). Dense and backends alike.
 Error: relative L2 error of the output and of the input gradient against the naive loop (padded with a
 finite capacity drops assignments, so its error is large by design; its dropped fraction is listed).
 Writes <out>/<date>-<device>[-<tag>].json and .md.
@@ -21,6 +24,7 @@ Writes <out>/<date>-<device>[-<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -34,8 +38,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe.config import MoEConfig  # noqa: E402
-from moe.experts import backend_class  # noqa: E402
+from moe.config import CapacityConfig, MoEConfig  # noqa: E402
+from moe.dispatch import LocalDispatcher  # noqa: E402
+from moe.experts import build_experts  # noqa: E402
+from moe.experts.reference import ReferenceExperts  # noqa: E402
+from moe.layer import run_experts  # noqa: E402
+from moe.positions import count_per_expert  # noqa: E402
 from moe.routing import Routing  # noqa: E402
 
 SHAPES = {  # name: (T, d, f, E, k)
@@ -45,39 +53,86 @@ SHAPES = {  # name: (T, d, f, E, k)
     "S4": (16384, 2048, 1024, 64, 8),
     "tiny": (256, 64, 128, 8, 2),
 }
-ALIASES = {"cf": "capacity_factor"}
+ALIASES = {"cf": "capacity.factor", **MoEConfig.RENAMED}  # short key of a backend spec -> its moe.* key
+
+
+def config_field(cfg: MoEConfig, key: str):
+    """(section, name) of a dotted moe.* key in cfg, e.g. 'capacity.factor' -> (cfg.capacity, 'factor'); None
+    if no such leaf key."""
+    *path, leaf = key.split(".")
+    section = cfg
+    for part in path:
+        section = getattr(section, part, None)
+    if not dataclasses.is_dataclass(section) or leaf not in {f.name for f in dataclasses.fields(section)}:
+        return None
+    return None if dataclasses.is_dataclass(getattr(section, leaf)) else (section, leaf)
 
 
 def parse_backend(spec: str) -> tuple[str, str, dict]:
-    """'padded:cf=1' -> (label 'padded(cf=1)', 'padded', {'capacity_factor': 1.0})."""
+    """'padded:cf=1' -> (label 'padded(cf=1)', 'padded', {'capacity.factor': 1.0})."""
     name, *opts = spec.split(":")
     overrides = {}
-    defaults = MoEConfig()
     for opt in opts:
         key, _, value = opt.partition("=")
         key = ALIASES.get(key, key)
-        if not hasattr(defaults, key):
+        found = config_field(MoEConfig(), key)
+        if found is None:
             raise SystemExit(f"--backends {spec}: {key!r} is not an moe.* config key")
-        kind = type(getattr(defaults, key))
+        kind = type(getattr(*found))
         overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     label = name + (f"({','.join(opts)})" if opts else "")
     return label, name, overrides
 
 
+def moe_config(E: int, k: int, backend: str, overrides: dict) -> MoEConfig:
+    """The validated moe config of a backend and its spec's overrides (dotted keys, from parse_backend)."""
+    cfg = MoEConfig(num_experts=E, top_k=k, backend=backend)
+    for key, value in overrides.items():
+        setattr(*config_field(cfg, key), value)
+    cfg.validate()
+    return cfg
+
+
+def routing_of(logits: torch.Tensor, k: int) -> Routing:
+    """The softmax top-k Routing of router logits [T, E], losses zero (the benchmarks time what follows it)."""
+    probs = logits.softmax(-1)
+    weights, ids = probs.topk(k, -1)
+    zero = logits.new_zeros(())
+    return Routing(ids, weights, probs, logits, count_per_expert(ids, probs.shape[1]), zero, zero)
+
+
 def make_routing(T: int, d: int, E: int, k: int, device, dtype, seed: int = 0):
-    """x [T, d] = z + 0.1*mu and a fixed random router's softmax top-k routing over it."""
+    """x [T, d] = z + 0.1*mu and a fixed random router's softmax top-k routing over it (gates requiring grad)."""
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=g)
     x = torch.randn(T, d, generator=g) + 0.1 * mu
     w_router = torch.randn(E, d, generator=g) / math.sqrt(d)
-    probs = (x @ w_router.t()).softmax(-1)
-    weights, ids = probs.topk(k, -1)
-    counts = torch.bincount(ids.reshape(-1), minlength=E).float()
-    x = x.to(device, dtype)
-    routing = Routing(ids.to(device), weights.to(device).requires_grad_(True), probs.to(device),
-                      torch.zeros((), device=device), torch.zeros((), device=device), E, {},
-                      (x.float() @ w_router.to(device).t()))
-    return x, routing, (counts.max() / counts.mean()).item()
+    routing = routing_of((x @ w_router.t()).to(device), k)
+    routing.weights.requires_grad_(True)
+    counts = routing.counts.float()
+    return x.to(device, dtype), routing, (counts.max() / counts.mean()).item()
+
+
+def expert_step(experts, capacity: CapacityConfig | None = None, renormalize: bool = False):
+    """run(x, routing) -> (y [T, d], assignments dropped []): what moe/layer.py runs after its router, on one
+    rank: the capacity step when `capacity` is given (the padded backend's), the local dispatcher, the
+    experts, the combine (gates applied)."""
+    dispatcher = LocalDispatcher()
+
+    def run(x: torch.Tensor, routing: Routing):
+        return run_experts(dispatcher, experts, x, routing, capacity, renormalize)
+
+    return run
+
+
+def build_step(cfg: MoEConfig, d: int, f: int, device, dtype, weights: dict | None = None):
+    """(expert_step of cfg.backend's GELU experts [d -> f -> d] on device, their parameters); `weights` a state
+    dict to load."""
+    module = build_experts(cfg, d, f, "gelu", 0.02, 0.02).to(device, dtype)
+    if weights is not None:
+        module.load_state_dict(weights)
+    capacity = cfg.capacity if cfg.backend == "padded" else None  # as moe/layer.py decides
+    return expert_step(module, capacity, cfg.router.renormalize), list(module.parameters())
 
 
 class Timer:
@@ -132,18 +187,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
-def bench_experts(module, x, routing, dy, timer):
-    """Timings and outputs of one expert module on (x, routing)."""
-    params = list(module.parameters())
+def bench_experts(run, params, x, routing, dy, timer):
+    """Timings and outputs of one expert step `run` (see expert_step) on (x, routing); `params` its weights."""
     x = x.detach().requires_grad_(True)
 
     def fwd():
-        return module(x, routing)
+        return run(x, routing)
 
     def fwd_bwd():
         for p in params + [x, routing.weights]:
             p.grad = None
-        y, dropped = module(x, routing)
+        y, dropped = run(x, routing)
         y.backward(dy)
         return y, dropped
 
@@ -209,32 +263,27 @@ def run_shape(name, shape, backends, device, dtype, timer, naive: bool):
 
     record("dense", *bench_dense(T * k, d, f, device, dtype, timer))
     torch.manual_seed(0)
-    weights = backend_class("reference")(MoEConfig(num_experts=E, top_k=k), E, d, f, "gelu", 0.02,
-                                         0.02 / math.sqrt(2)).state_dict()
+    weights = ReferenceExperts(E, d, f, "gelu", 0.02, 0.02 / math.sqrt(2)).state_dict()
     weights = {key: v.to(device, dtype) for key, v in weights.items()}
 
     def build(backend, overrides):
-        cfg = MoEConfig(num_experts=E, top_k=k, backend=backend, **overrides)
-        cfg.validate()
-        module = backend_class(backend)(cfg, E, d, f, "gelu", 0.02, 0.02).to(device, dtype)
-        module.load_state_dict(weights)
-        return module
+        return build_step(moe_config(E, k, backend, overrides), d, f, device, dtype, weights)
 
     ref = build("reference", {})
-    t_fwd, t_fb, peak, y_ref, dx_ref, _ = bench_experts(ref, x, routing, dy, timer if naive else Timer(device, 1, 0))
+    t_fwd, t_fb, peak, y_ref, dx_ref, _ = bench_experts(*ref, x, routing, dy, timer if naive else Timer(device, 1, 0))
     if naive:
         record("naive loop", t_fwd, t_fb, peak, 0.0, 0.0, 0)
     del ref
     for label, backend, overrides in backends:
         try:
-            module = build(backend, overrides)
-            t_fwd, t_fb, peak, y, dx, dropped = bench_experts(module, x, routing, dy, timer)
+            step = build(backend, overrides)
+            t_fwd, t_fb, peak, y, dx, dropped = bench_experts(*step, x, routing, dy, timer)
         except (RuntimeError, NotImplementedError) as err:  # a backend failing must not lose the others
             print(f"  {label:28s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
             rows.append({"shape": name, "backend": label, "error": str(err)[:300]})
             continue
         record(label, t_fwd, t_fb, peak, rel_err(y, y_ref), rel_err(dx, dx_ref), dropped)
-        del module, y, dx
+        del step, y, dx
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

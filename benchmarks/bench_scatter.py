@@ -6,11 +6,13 @@
 Useful FLOPs: 2*T*k*d*f per GEMM, two GEMMs forward (three for SwiGLU), x3 for forward+backward. The dense
 ceiling is a cuBLAS pair [T*k, d] @ [d, f] @ [f, d] ([d, 2f] for SwiGLU) with the same FLOPs, in the same run.
 Routing: softmax top-k of (z + s*mu) @ W_r with z, mu, W_r random; s starts at 0.1 and grows until
-max/mean expert load >= 1.2.
+max/mean expert load >= 1.2. A step is bench_moe.py's: the local dispatcher, the experts, the combine (which
+applies the gates: the gate gradient `dgates` comes through it).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,14 +23,13 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe.config import MoEConfig  # noqa: E402
+from benchmarks.bench_moe import SHAPES, expert_step, routing_of  # noqa: E402  (SHAPES: name -> (T, d, f, E, k))
+from moe.dispatch import LocalDispatcher  # noqa: E402
 from moe.experts.reference import ReferenceExperts  # noqa: E402
 from moe.experts.scatter import ScatterExperts, _sum_slots, grouped_mm_pays, xty  # noqa: E402
 from moe.kernels import scatter as K  # noqa: E402
-from moe.permute import sort_by_expert  # noqa: E402
-from moe.routing import Routing  # noqa: E402
-from benchmarks.bench_moe import SHAPES  # noqa: E402  (name: (T, d, f, E, k))
 
+NOT_GEMM = ("dispatch", "combine", "gather", "sum")  # breakdown entries that get no TFLOP/s
 
 
 def bench(fn, grad_to_none=None) -> float:
@@ -39,12 +40,11 @@ def make_routing(T, d, E, k, dev):
     z, mu, w_r = torch.randn(T, d, device=dev), torch.randn(d, device=dev), torch.randn(d, E, device=dev) / d ** 0.5
     s = 0.1
     while True:
-        probs = torch.softmax((z + s * mu) @ w_r, -1)
-        weights, ids = probs.topk(k, -1)
-        counts = torch.bincount(ids.flatten(), minlength=E).float()
+        routing = routing_of((z + s * mu) @ w_r, k)
+        counts = routing.counts.float()
         skew = (counts.max() / counts.mean()).item()
         if skew >= 1.2 or s > 5:
-            return Routing(ids, weights, probs, z.new_zeros(()), z.new_zeros(()), E), s, skew
+            return routing, s, skew
         s *= 1.5
 
 
@@ -54,12 +54,11 @@ def rel(a, b) -> float:
 
 def check(T, d, f, E, k, routing, dev, act) -> dict:
     """bf16 scatter vs fp32 ReferenceExperts on the same (bf16-representable) inputs and parameters."""
-    cfg = MoEConfig(num_experts=E, top_k=k, backend="scatter")
-    ref = ReferenceExperts(cfg, E, d, f, act, 0.02, 0.02).to(dev)
+    ref = ReferenceExperts(E, d, f, act, 0.02, 0.02).to(dev)
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.bfloat16().float())
-    ours = ScatterExperts(cfg, E, d, f, act, 0.02, 0.02).to(dev)
+    ours = ScatterExperts(E, d, f, act, 0.02, 0.02).to(dev)
     ours.load_state_dict(ref.state_dict())
     ours.bfloat16()
     x = torch.randn(T, d, device=dev).bfloat16()
@@ -68,8 +67,7 @@ def check(T, d, f, E, k, routing, dev, act) -> dict:
     for name, model, dt in (("ref", ref, torch.float32), ("ours", ours, torch.bfloat16)):
         xx = x.to(dt).requires_grad_()
         w = routing.weights.detach().clone().requires_grad_()
-        r = Routing(routing.expert_ids, w, routing.probs, routing.aux_loss, routing.z_loss, E)
-        y, _ = model(xx, r)
+        y, _ = expert_step(model)(xx, dataclasses.replace(routing, weights=w))
         y.backward(dy.to(dt))
         out[name] = {"y": y.detach(), "dx": xx.grad, "dgates": w.grad, "dw1": model.w1.grad, "dw2": model.w2.grad}
         if act == "swiglu":
@@ -81,6 +79,16 @@ def check(T, d, f, E, k, routing, dev, act) -> dict:
     del ref, ours, out
     torch.cuda.empty_cache()
     return res
+
+
+def dense_ms(N, d, f, glu, dev) -> tuple[float, float]:
+    """(fwd, fwd+bwd) ms of the dense cuBLAS pair [N, d] @ [d, f or 2f] -> [:, :f] @ [f, d]."""
+    a = torch.randn(N, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(d, 2 * f if glu else f, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
+    w2 = (torch.randn(f, d, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
+    dy = torch.randn(N, d, device=dev, dtype=torch.bfloat16)
+    return (bench(lambda: (a @ w1)[:, :f] @ w2),
+            bench(lambda: ((a @ w1)[:, :f] @ w2).backward(dy), grad_to_none=[a, w1, w2]))
 
 
 def run_shape(name, dev, do_check, act) -> dict:
@@ -95,16 +103,16 @@ def run_shape(name, dev, do_check, act) -> dict:
         res["err"] = check(T, d, f, E, k, routing, dev, act)
         print(name, "bf16 rel err vs fp32:", res["err"], flush=True)
 
-    cfg = MoEConfig(num_experts=E, top_k=k, backend="scatter")
-    ours = ScatterExperts(cfg, E, d, f, act, 0.02, 0.02).to(dev).bfloat16()
+    ours = ScatterExperts(E, d, f, act, 0.02, 0.02).to(dev).bfloat16()
+    step = expert_step(ours)
     x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
     gw = routing.weights.detach().clone().requires_grad_()
-    r = Routing(routing.expert_ids, gw, routing.probs, routing.aux_loss, routing.z_loss, E)
+    r = dataclasses.replace(routing, weights=gw)
     params = [x, gw] + list(ours.parameters())
 
     def fwd():
-        return ours(x, r)[0]
+        return step(x, r)[0]
 
     def fwd_bwd():
         fwd().backward(dy)
@@ -123,46 +131,53 @@ def run_shape(name, dev, do_check, act) -> dict:
     for p in params:
         p.grad = None
 
-    # dense cuBLAS pair with the same FLOPs
-    a = torch.randn(T * k, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    w1 = (torch.randn(d, 2 * f if glu else f, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
-    w2 = (torch.randn(f, d, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
-    dyd = torch.randn(T * k, d, device=dev, dtype=torch.bfloat16)
-    td_fwd = bench(lambda: (a @ w1)[:, :f] @ w2)
-    td_fb = bench(lambda: ((a @ w1)[:, :f] @ w2).backward(dyd), grad_to_none=[a, w1, w2])
-    del a, w1, w2, dyd
+    td_fwd, td_fb = dense_ms(T * k, d, f, glu, dev)
     res.update(ms_fwd=t_fwd, ms_fwd_bwd=t_fb, tflops_fwd=flop_fwd / t_fwd / 1e9,
                tflops_fwd_bwd=3 * flop_fwd / t_fb / 1e9, dense_tflops_fwd=flop_fwd / td_fwd / 1e9,
                dense_tflops_fwd_bwd=3 * flop_fwd / td_fb / 1e9)
 
-    # per-kernel breakdown
+    # per-kernel breakdown: the step's pieces in the order the step runs them
     with torch.no_grad():
         w1, w2 = ours.w1.detach(), ours.w2.detach()
         w3 = ours.w3.detach() if glu else None
         w3t = w3.transpose(1, 2) if glu else None
-        srt = sort_by_expert(routing.expert_ids, E)
-        order0, tokens, gmm = srt.order.clone(), srt.order // k, grouped_mm_pays(dy, d, f)
+        dispatcher = LocalDispatcher()
+        rows, handle = dispatcher.dispatch(x, r)
+        srt, gmm = rows.sort, grouped_mm_pays(dy, d, f)
+        order0, tokens = srt.order.clone(), rows.tokens()
+        ends = srt.offsets.to(torch.int32) if gmm else srt.offsets  # as the backward converts them
         res["weight_grads_via"] = "torch._grouped_mm" if gmm else "group_xty"
-        g = routing.weights.reshape(-1).float().contiguous()
         h, act = K.mlp_in_fwd(x, w1, w3, srt.order, srt.counts, k)
-        y = K.scatter_mm(act, w2, srt.order, srt.counts, k, False, True, gates=g)
-        dys = dy[tokens] if gmm else dy  # as the backward does: dout gathered once for dA and dW2 (grouped_mm)
-        da = K.scatter_mm(dys, w2.transpose(1, 2), srt.order, srt.counts, k, not gmm, False)
-        dh, _, _ = K.act_bwd(da, h, g, srt.order)
+        y = K.scatter_mm(act, w2, srt.order, srt.counts, k, False, False)
+        with torch.enable_grad():  # the combine's backward: dy grouped for the experts, and the gate gradient
+            y_req = y.detach().requires_grad_()
+            combined = dispatcher.combine(y_req, handle)
+        dyg = torch.autograd.grad(combined, y_req, dy, retain_graph=True)[0]
+        da = K.scatter_mm(dyg, w2.transpose(1, 2), srt.order, srt.counts, k, False, False)
+        dh, _ = K.act_bwd(da, h)
+        xs = x[tokens] if gmm else x  # as the backward does: x gathered once for dw1 and dw3 (grouped_mm)
+        dx_slots = K.scatter_mm(dh, w1.transpose(1, 2), srt.order, srt.counts, k, False, True, w_2=w3t)
+
+        def dw1_dw3():
+            dw = [xty(xs, dh[:, :f], tokens, srt.counts, ends, not gmm, gmm)]
+            return dw + [xty(xs, dh[:, f:], tokens, srt.counts, ends, not gmm, gmm)] if glu else dw
+
         steps = {  # GEMM-kernel entries count one GEMM of FLOPs (two for the SwiGLU L1 fwd, dw1+dw3 and dx)
-            "sort": lambda: sort_by_expert(routing.expert_ids, E),
+            "dispatch (sort)": lambda: dispatcher.dispatch(x, r),
             "L1 fwd x@w1 +act (h,a)": lambda: K.mlp_in_fwd(x, w1, w3, srt.order, srt.counts, k),
-            "L2 fwd a@w2 *gate": lambda: K.scatter_mm(act, w2, srt.order, srt.counts, k, False, True, gates=g),
-            "sum over k (fwd)": (lambda: _sum_slots(y, T, k)) if k > 1 else None,
-            "gather dout (grouped_mm route)": (lambda: dy[tokens]) if gmm else None,
-            "bwd da = dout@w2^T": lambda: K.scatter_mm(dys, w2.transpose(1, 2), srt.order, srt.counts, k, not gmm,
-                                                       False),
-            "bwd act' dgates (elementwise)": lambda: K.act_bwd(da, h, g, srt.order),
-            "bwd dw2 ((g a)^T dout)": lambda: xty(act, dys, tokens, srt.counts, srt.offsets, False, not gmm, gmm),
-            "bwd dw1 (x^T dh)": lambda: xty(x, dh[:, :f], tokens, srt.counts, srt.offsets, True, False, gmm),
+            "L2 fwd a@w2 (grouped->grouped)": lambda: K.scatter_mm(act, w2, srt.order, srt.counts, k, False, False),
+            "combine fwd (gates, sum over k)": lambda: dispatcher.combine(y, handle),
+            "combine bwd (dy grouped, dgates)": lambda: torch.autograd.grad(combined, (y_req, gw), dy,
+                                                                            retain_graph=True),
+            "bwd da = dy@w2^T": lambda: K.scatter_mm(dyg, w2.transpose(1, 2), srt.order, srt.counts, k, False,
+                                                     False),
+            "bwd act' (elementwise)": lambda: K.act_bwd(da, h),
+            "bwd dw2 (a^T dy)": lambda: xty(act, dyg, tokens, srt.counts, ends, False, gmm),
+            "gather x (grouped_mm route)": (lambda: x[tokens]) if gmm else None,
+            "bwd dw1 (x^T dh)": dw1_dw3,
             "bwd dx (dh@w1^T)": lambda: K.scatter_mm(dh, w1.transpose(1, 2), srt.order, srt.counts, k, False, True,
                                                      w_2=w3t),
-            "sum over k (bwd)": (lambda: _sum_slots(y, T, k)) if k > 1 else None,
+            "sum over k (bwd)": (lambda: _sum_slots(dx_slots, T, k)) if k > 1 else None,
         }
         res["breakdown_ms"] = {}
         for key, fn in steps.items():
@@ -206,7 +221,7 @@ def main():
     print("\nper-kernel ms (GEMM TFLOP/s = 2*T*k*d*f / time)")
     for r in results:
         for key, ms in r.get("breakdown_ms", {}).items():
-            tf = f"{r['gemm_gflop'] / ms:.0f}" if not key.startswith(("sort", "sum")) else "-"
+            tf = f"{r['gemm_gflop'] / ms:.0f}" if not key.startswith(NOT_GEMM) else "-"
             print(f"  {r['shape']} {key:32s} {ms:8.3f} ms  {tf:>5s} TFLOP/s")
     print("\n| shape | T,d,f,E,k | load max/mean | fwd TF/s | fwd+bwd TF/s | dense fwd / fwd+bwd | % dense (f+b) "
           "| peak extra GiB | max bf16 rel err |")

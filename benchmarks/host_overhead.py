@@ -14,9 +14,11 @@ Per backend and shape it prints:
   kernel to the next step's), the kernels' busy time and the idle time between them, and each kernel's spread
   (min / median / max over the steps): it tells whether a slow step waited on the host or ran slower kernels;
 - with --drift N, N back-to-back steps each of the dense pair, the backend and its CUDA-graph replay, after 1 s
-  idle, as medians of every 10 steps: on an H100 at its power cap all three slow down within ~0.1 s;
+  idle, as medians of every 10 steps: whether all three slow down at the GPU's power cap (the power-cap study in
+  benchmarks/results/README.md);
 - with --profile, the cProfile top entries of 20 steps.
-Routing and shapes as in bench_moe.py. A step is bench_moe.py's: grads set to None, forward, backward.
+Routing, shapes and backend specs (`padded:cf=0`) as in bench_moe.py. A step is bench_moe.py's (capacity step
+for padded, dispatch, experts, combine): grads set to None, forward, backward.
 """
 from __future__ import annotations
 
@@ -31,9 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_moe import SHAPES, Timer, dense_pair, make_routing  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
-from moe.experts import backend_class  # noqa: E402
+from benchmarks.bench_moe import SHAPES, Timer, build_step, dense_pair, make_routing, moe_config, parse_backend  # noqa: E402
 
 BUSY_CYCLES = 2_000_000_000  # ~1 s of torch.cuda._sleep: the GPU stays busy while the host enqueues
 HOST_STEPS = 20  # few enough that the launch queue (~1000 kernels) never fills and blocks the host
@@ -139,6 +139,28 @@ def timeline(step, steps: int, per_step: int) -> None:
               f"{runs[0][j].name[:80]}")
 
 
+def backend_step(spec: str, shape: tuple, x, routing, dy):
+    """(label, phases, step) of one backend spec on (x, routing): `phases` a generator yielding between the
+    forward and the backward, `step` the whole step."""
+    T, d, f, E, k = shape
+    label, backend, overrides = parse_backend(spec)
+    run, params = build_step(moe_config(E, k, backend, overrides), d, f, x.device, torch.bfloat16)
+    params = params + [x, routing.weights]
+
+    def phases():
+        for p in params:
+            p.grad = None
+        y = run(x, routing)[0]
+        yield
+        y.backward(dy)
+
+    def step():
+        for _ in phases():
+            pass
+
+    return label, phases, step
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="scatter")
@@ -163,22 +185,8 @@ def main():
         if args.graph:
             ms = graph_ms(dense_pair(T * k, d, f, dev, torch.bfloat16)[1], args.steps)
             print(f"{name} dense        gpu (graph) {ms:.3f} ms/step = {tflop / ms * 1e3:.0f} TFLOP/s", flush=True)
-        for backend in args.backends.split(","):
-            cfg = MoEConfig(num_experts=E, top_k=k, backend=backend)
-            module = backend_class(backend)(cfg, E, d, f, "gelu", 0.02, 0.02).to(dev, torch.bfloat16)
-            params = list(module.parameters()) + [x, routing.weights]
-
-            def phases():
-                for p in params:
-                    p.grad = None
-                y = module(x, routing)[0]
-                yield
-                y.backward(dy)
-
-            def step():
-                for _ in phases():
-                    pass
-
+        for spec in args.backends.split(","):
+            backend, phases, step = backend_step(spec, SHAPES[name], x, routing, dy)
             for _ in range(5):  # compile and autotune outside the measurement
                 step()
             fwd, bwd = host_ms(phases, HOST_STEPS)

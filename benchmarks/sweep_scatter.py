@@ -1,6 +1,6 @@
 """Tile-config sweep of the scatter backend's kernels on the GPU: every kernel of the expert MLP, each config
-timed alone at bench_moe's shapes, with the dense cuBLAS GEMM of equal FLOPs and torch._grouped_mm (on
-pre-grouped operands, the gather not timed) as references. It tells which configs the autotune lists in
+timed alone at bench_moe's shapes, with the dense cuBLAS GEMM of equal FLOPs and torch._grouped_mm's weight
+gradients (dw1 with the gather of x that route needs) as references. It tells which configs the autotune lists in
 moe/kernels/scatter.py should hold.
 
     PYTHONUNBUFFERED=1 python benchmarks/sweep_scatter.py [--shapes S1,S2,S3,S4] [--json out.json]
@@ -12,6 +12,7 @@ GEMM TFLOP/s = 2*T*k*d*f / time. Routing as in bench_moe.py (same seed and skew)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_moe import SHAPES, make_routing  # noqa: E402
 from moe.kernels import scatter as K  # noqa: E402
-from moe.permute import sort_by_expert  # noqa: E402
+from moe.kernels.sort import sort_by_expert  # noqa: E402
 
 MM_SWEEP = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5),
             (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4),
@@ -63,37 +64,37 @@ def run_shape(name: str, only: str) -> dict:
     order, counts, ends, n, tokens = srt.order, srt.counts, srt.offsets, T * k, srt.order // k
     w1 = torch.randn(E, d, f, device=dev, dtype=bf) * 0.02
     w2 = torch.randn(E, f, d, device=dev, dtype=bf) * 0.02
-    dy = torch.randn(T, d, device=dev, dtype=bf)
-    g = routing.weights.detach().reshape(-1).float().contiguous()
+    dy = torch.randn(n, d, device=dev, dtype=bf)  # grouped, as the combine's backward hands it to the experts
     h, a = K.mlp_in_fwd(x, w1, None, order, counts, k)
     y, y2, da = x.new_empty(n, d), x.new_empty(n, d), torch.empty_like(h)
-    dh = K.act_bwd(h, h, g, order)[0]  # an operand of dh's shape for the dx and dw1 kernels (values don't matter)
+    dh = K.act_bwd(h, h)[0]  # an operand of dh's shape for the dx and dw1 kernels (values don't matter)
     mm = {  # kernel: launch(config)
-        "L1 fwd x@w1 +act": lambda c: K._launch_mm(x, w1, None, None, h, a, None, order, counts, k, n, d, f,
+        "L1 fwd x@w1 +act": lambda c: K._launch_mm(x, w1, None, None, h, a, order, counts, k, n, d, f,
                                                    True, False, K.EPI_ACT_FWD, False, c),
-        "L2 fwd a@w2 *gate": lambda c: K._launch_mm(a, w2, None, y, None, None, g, order, counts, k, n, f, d,
-                                                    False, True, K.EPI_PLAIN, False, c),
-        "bwd da dout@w2^T": lambda c: K._launch_mm(dy, w2.transpose(1, 2), None, da, None, None, None, order, counts,
-                                                   k, n, d, f, True, False, K.EPI_PLAIN, False, c),
-        "bwd dx dh@w1^T": lambda c: K._launch_mm(dh, w1.transpose(1, 2), None, y2, None, None, None, order,
+        "L2 fwd a@w2 (grouped)": lambda c: K._launch_mm(a, w2, None, y, None, None, order, counts, k, n, f, d,
+                                                        False, False, K.EPI_PLAIN, False, c),
+        "bwd da dy@w2^T": lambda c: K._launch_mm(dy, w2.transpose(1, 2), None, da, None, None, order, counts,
+                                                 k, n, d, f, False, False, K.EPI_PLAIN, False, c),
+        "bwd dx dh@w1^T": lambda c: K._launch_mm(dh, w1.transpose(1, 2), None, y2, None, None, order,
                                                  counts, k, n, f, d, False, True, K.EPI_PLAIN, False, c),
     }
     xty = {
-        "bwd dw2 (g a)^T dout": lambda c: K.group_xty(a, dy, tokens, counts, ends, False, True, c),
-        "bwd dw1 x^T dh": lambda c: K.group_xty(x, dh, tokens, counts, ends, True, False, c),
+        "bwd dw2 a^T dy": lambda c: K.group_xty(a, dy, tokens, counts, ends, False, c),
+        "bwd dw1 x^T dh": lambda c: K.group_xty(x, dh, tokens, counts, ends, True, c),
     }
     gemm_gflop = 2 * n * d * f / 1e9
     res = {"shape": name, "T": T, "d": d, "f": f, "E": E, "k": k, "load_max_over_mean": skew, "kernels": {}}
-    act = {"bwd act' dgates (elementwise)": lambda c: K.act_bwd(da, h, g, order, c)}
+    act = {"bwd act' (elementwise)": lambda c: K.act_bwd(da, h, c)}
     for kernels, sweep, make in ((mm, MM_SWEEP, mm_config), (xty, XTY_SWEEP, xty_config), (act, ACT_SWEEP, act_config)):
         for label, launch in kernels.items():
             if not any(part in label for part in only.split(",")):
                 continue
             times = {}
             for c in sweep:
+                run = functools.partial(launch, make(c))
                 try:
-                    launch(make(c))
-                    times[str(c)] = bench(lambda: launch(make(c)))
+                    run()
+                    times[str(c)] = bench(run)
                 except Exception as err:  # out of shared memory or registers: skip the config
                     times[str(c)] = f"{type(err).__name__}"
             ok = {c: t for c, t in times.items() if isinstance(t, float)}
@@ -107,9 +108,9 @@ def run_shape(name: str, only: str) -> dict:
     a2, b2 = torch.randn(n, d, device=dev, dtype=bf), torch.randn(d, f, device=dev, dtype=bf)
     res["dense_gemm_ms"] = bench(lambda: a2 @ b2)
     offs = ends.to(torch.int32)
-    try:  # with the gather of the scattered operand, as moe/experts/scatter.py's xty does it
+    try:  # dw1 with the gather of the scattered operand, as moe/experts/scatter.py's xty route does it
         res["grouped_mm_dw1_ms"] = bench(lambda: torch._grouped_mm(x[tokens].t(), dh, offs=offs))
-        res["grouped_mm_dw2_ms"] = bench(lambda: torch._grouped_mm(a.t(), dy[tokens], offs=offs))
+        res["grouped_mm_dw2_ms"] = bench(lambda: torch._grouped_mm(a.t(), dy, offs=offs))
     except (RuntimeError, AttributeError) as err:
         print(f"{name} torch._grouped_mm weight gradient: {err}", flush=True)
     flat = routing.expert_ids.reshape(-1)
@@ -122,7 +123,7 @@ def run_shape(name: str, only: str) -> dict:
             0, flat, torch.ones_like(flat))),
     }
     print(f"{name} dense GEMM {res['dense_gemm_ms']:.3f} ms ({gemm_gflop / res['dense_gemm_ms']:.0f}); "
-          f"gather+grouped_mm dw1 "
+          f"grouped_mm dw1 (x gathered) "
           f"{res.get('grouped_mm_dw1_ms', float('nan')):.3f} dw2 {res.get('grouped_mm_dw2_ms', float('nan')):.3f}; "
           f"sort {json.dumps({kk: round(v, 4) for kk, v in res['sort_ms'].items()})}", flush=True)
     return res

@@ -32,7 +32,7 @@ with warnings.catch_warnings():
 
 from data.config import DataConfig
 from data.tokenizer import TokenizerInfo, check_tokenizer_matches, load_tokenizer, padded_vocab_size
-from train.errors import ConfigError
+from errors import ConfigError
 
 logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
 log = logging.getLogger(__name__)
@@ -140,16 +140,16 @@ class GPTData:
             yield torch.from_numpy(batch)
 
     def train_batches(self, consumed_samples: int, micro_batch_size: int,
-                      global_batch_size: int) -> Iterator[torch.Tensor]:
+                      accumulation: int) -> Iterator[torch.Tensor]:
         """Micro-batches [micro_batch_size, seq_length + 1] int64 for this data-parallel rank, global batch after
         global batch, starting after `consumed_samples` samples of the global stream. Each global batch of
-        global_batch_size samples is split into dp_size disjoint shards (rank r takes its contiguous share), each
-        shard into micro-batches. The batch at step N is the same with or without a restart
-        (consumed_samples = N * global_batch_size). Ends when the training samples run out."""
-        shard = global_batch_size // self.dp_size
-        if global_batch_size <= 0 or micro_batch_size <= 0 or global_batch_size % (micro_batch_size * self.dp_size):
-            raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                             f"micro_batch_size {micro_batch_size} x dp_size {self.dp_size}")
+        micro_batch_size x accumulation x dp_size samples is split into dp_size disjoint shards (rank r takes its
+        contiguous share), each shard into `accumulation` micro-batches. The batch at step N is the same with or
+        without a restart (consumed_samples = N * global batch). Ends when the training samples run out."""
+        if micro_batch_size <= 0 or accumulation <= 0:
+            raise ValueError(f"micro_batch_size {micro_batch_size} and accumulation {accumulation} must be positive")
+        shard = micro_batch_size * accumulation
+        global_batch_size = shard * self.dp_size
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples is {consumed_samples}; it cannot be negative")
 

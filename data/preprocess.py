@@ -119,7 +119,8 @@ def check_output(path_prefix: str) -> None:
             pass
         os.remove(probe)
     except OSError as error:
-        raise InputError(f"cannot write output {path_prefix}.bin/.idx: {error}; choose a writable --output-prefix")
+        raise InputError(f"cannot write output {path_prefix}.bin/.idx: {error}; choose a writable "
+                         "--output-prefix") from error
 
 
 def _commit(tmp_prefix: str, path_prefix: str) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from train.errors import ConfigError
+from errors import ConfigError
 
 
 @dataclass
@@ -29,8 +29,9 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}", f"is {getattr(self, key)}; it must be positive")
         if self.hidden_size % self.num_heads:
+            near = _divisor_near(self.hidden_size, self.num_heads)
             raise ConfigError("model.num_heads", f"is {self.num_heads} but must divide model.hidden_size="
-                              f"{self.hidden_size}; pick a divisor such as {_divisor_near(self.hidden_size, self.num_heads)}")
+                              f"{self.hidden_size}; pick a divisor such as {near}")
         if self.position not in ("learned", "rope"):
             raise ConfigError("model.position", f"is {self.position!r}; use learned or rope")
         if self.position == "rope" and (self.hidden_size // self.num_heads) % 2:

@@ -5,7 +5,8 @@
 
 Pre-norm blocks, causal attention through torch's scaled_dot_product_attention, learned or rotary positions,
 GELU or SwiGLU MLPs, tied or untied head. The MoE layer (moe/layer.py) returns its load-balance and z losses,
-which `GPT.forward` averages over MoE layers and adds, weighted, to the language-model loss.
+which `GPT.forward` averages over MoE layers and adds, weighted, to the language-model loss. All MoE layers
+record their statistics into the model's one `moe_stats` (moe/stats.py), which the trainer reads.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from model.config import ModelConfig
 from moe.config import MoEConfig
 from moe.experts.base import activate
 from moe.layer import MoELayer
+from moe.stats import MoEStats
 from parallel.layers import Layers
 
 
@@ -78,7 +80,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None, layers: Layers | None = None):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None, layers: Layers | None = None,
+                 moe_stats: MoEStats | None = None, moe_index: int = 0):
+        """With `moe_cfg` the MLP is an MoE layer, recording into row `moe_index` of `moe_stats`."""
         super().__init__()
         layers = layers or Layers()
         output_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2 / Megatron scaled output init
@@ -86,7 +90,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, output_std, layers)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = (MoELayer(moe_cfg, cfg.hidden_size, cfg.ffn, cfg.activation, cfg.init_std, output_std,
-                             dispatcher=layers.dispatcher)
+                             layers.ps, moe_stats, moe_index)
                     if moe_cfg is not None else MLP(cfg, output_std, layers))
 
     def forward(self, x, rope=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -113,9 +117,11 @@ class GPT(nn.Module):
         if cfg.position == "learned":
             self.pos = nn.Embedding(seq_length, d)
             nn.init.normal_(self.pos.weight, std=cfg.init_std)
-        moe_layers = set(moe_cfg.moe_layer_indices(cfg.num_layers))
-        self.blocks = nn.ModuleList(Block(cfg, moe_cfg if i in moe_layers else None, layers)
-                                    for i in range(cfg.num_layers))
+        moe_blocks = moe_cfg.moe_layer_indices(cfg.num_layers)
+        self.moe_stats = MoEStats(len(moe_blocks), moe_cfg.num_experts, layers.ps.dp_group)
+        self.blocks = nn.ModuleList(
+            Block(cfg, moe_cfg, layers, self.moe_stats, moe_blocks.index(i)) if i in moe_blocks
+            else Block(cfg, None, layers) for i in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = None
         if not cfg.tie_embeddings:
@@ -130,12 +136,18 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
 
-    def checkpoint_shards(self) -> dict:
-        """Tensors split over ranks, for train/checkpoint.py (empty in one process)."""
-        return self.layers.checkpoint_shards(self)
+    def end_step(self, applied: bool) -> None:
+        """After each optimizer step (applied=False: a skipped, non-finite step): the expert-bias update from
+        the step's loads when the step was applied; the step's counts are cleared either way."""
+        if applied and self.moe_cfg.router.expert_bias_rate > 0:
+            loads = self.moe_stats.step_loads()  # [L, E] over the data-parallel group
+            for i, layer in enumerate(self.moe_layers()):
+                layer.router.update_bias(loads[i])
+        self.moe_stats.end_step()
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """tokens, targets [B, S] -> (total loss, {"lm", "aux", "z"}), aux and z averaged over MoE layers."""
+        """tokens, targets [B, S] -> (total loss, {"lm_loss", "aux_loss", "z_loss"}), aux and z averaged over
+        MoE layers."""
         B, S = tokens.shape
         x = self.embed(tokens)  # [B, S, d]
         if self.pos is not None:
@@ -154,13 +166,14 @@ class GPT(nn.Module):
         zero = lm.new_zeros(())
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
         z = torch.stack(z_terms).mean() if z_terms else zero
-        loss = lm + self.moe_cfg.aux_loss_weight * aux + self.moe_cfg.z_loss_weight * z
-        return loss, {"lm": lm.detach(), "aux": aux.detach(), "z": z.detach()}
+        loss = lm + self.moe_cfg.router.aux_loss_weight * aux + self.moe_cfg.router.z_loss_weight * z
+        return loss, {"lm_loss": lm.detach(), "aux_loss": aux.detach(), "z_loss": z.detach()}
 
     def num_params(self) -> dict[str, int]:
         """Total parameters, and those active per token (top-k of the experts)."""
         total = sum(p.numel() for p in self.parameters())
-        expert = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters())
-        E, k = self.moe_cfg.num_experts, self.moe_cfg.top_k
-        active = total - expert + (expert * k // E if E else 0)
+        moe = self.moe_layers()
+        expert = sum(p.numel() for m in moe for p in m.experts.parameters())
+        held = moe[0].experts.num_experts if moe else 1  # experts of a layer held here (E / ep)
+        active = total - expert + expert * self.moe_cfg.top_k // held if moe else total
         return {"total": total, "active": active}

@@ -1,34 +1,98 @@
-"""The `moe:` section of the config."""
+"""The `moe:` section of the config, nested by concern: the router, the capacity step (with Rectify-Router)
+and the kernels. Each part of the MoE layer receives only its own section."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from train.errors import ConfigError
+from errors import ConfigError
+
+# the expert backends (moe/experts/__init__.py maps each to its module; named here so the config can check a
+# name without importing the backends and their Triton kernels)
+BACKENDS = ("reference", "padded", "grouped", "scatter", "blocksparse")
 
 
 @dataclass
-class MoEConfig:
-    num_experts: int = 0  # 0: dense model, no MoE layers
-    top_k: int = 1
-    backend: str = "reference"  # reference | padded | grouped | scatter | blocksparse
-    ffn_hidden_size: int = 0  # expert width; 0: model.ffn_hidden_size
-    layers: str = "all"  # which blocks get an MoE layer: all | even | odd | comma-separated indices
-    # router
-    router_type: str = "softmax"  # softmax | sparsemixer
+class RouterConfig:
+    type: str = "softmax"  # softmax | sparsemixer
     renormalize: bool = False  # rescale the top-k weights to sum to 1
     jitter_eps: float = 0.0  # multiplicative input jitter U[1-eps, 1+eps] in training (SparseMixer: mask width)
     aux_loss_weight: float = 0.01  # Switch load-balance loss
     aux_loss_scope: str = "micro_batch"  # micro_batch | global
     z_loss_weight: float = 0.0
     expert_bias_rate: float = 0.0  # >0: aux-loss-free balancing bias (DeepSeek-V3), updated after each step
-    # padded backend (Tutel/GShard)
-    capacity_factor: float = 1.0  # 0: dynamic capacity = largest expert load (dropless, padded)
-    min_capacity: int = 4
+
+    def validate(self, top_k: int) -> None:
+        choices = {"type": ("softmax", "sparsemixer"), "aux_loss_scope": ("micro_batch", "global")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"moe.router.{key}", f"is {getattr(self, key)!r}; use one of {list(allowed)}")
+        for key in ("jitter_eps", "aux_loss_weight", "z_loss_weight", "expert_bias_rate"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"moe.router.{key}", f"is {getattr(self, key)}; it must be >= 0")
+        if self.type == "sparsemixer":
+            if top_k > 2:
+                raise ConfigError("moe.top_k", f"is {top_k} but SparseMixer supports top_k 1 (v1) or 2 (v2)")
+            if self.jitter_eps <= 0:
+                raise ConfigError("moe.router.jitter_eps", "must be > 0 with router.type=sparsemixer (it is the "
+                                  "mask width; 0 keeps only the top expert and the router learns nothing): use 0.1")
+            for key in ("renormalize", "expert_bias_rate"):
+                if getattr(self, key):
+                    raise ConfigError(f"moe.router.{key}", "is not supported with moe.router.type=sparsemixer (its "
+                                      "multipliers come from the estimator); turn it off or use router.type=softmax")
+
+
+@dataclass
+class CapacityConfig:
+    """The capacity step of the padded backend (Tutel/GShard): which assignments each expert keeps."""
+    factor: float = 1.0  # capacity = ceil(factor * k * T / E); 0: dynamic, the largest expert load (dropless)
+    min: int = 4  # the capacity is at least this
     drop_policy: str = "position"  # position | probability
     rectify_intra: bool = False  # Rectify-Router: dropped assignments go to the best local expert
     rectify_fill: bool = False  # Rectify-Router: empty slots take the best unassigned tokens
-    # Triton backends
-    block_size: int = 128  # blocksparse block / scatter tile rows
+
+    @property
+    def rectify(self) -> bool:
+        return self.rectify_intra or self.rectify_fill
+
+    def validate(self) -> None:
+        if self.factor < 0:
+            raise ConfigError("moe.capacity.factor", f"is {self.factor}; use 0 (dynamic) or > 0")
+        if self.min < 1:
+            raise ConfigError("moe.capacity.min", f"is {self.min}; use 1 or more")
+        if self.drop_policy not in ("position", "probability"):
+            raise ConfigError("moe.capacity.drop_policy", f"is {self.drop_policy!r}; use position or probability")
+
+
+@dataclass
+class KernelConfig:
+    """Options of the Triton backends."""
+    block_size: int = 128  # blocksparse: rows and columns of a block
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError("moe.kernels.block_size", f"is {self.block_size}; use a power of two such as 128")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0: dense model, no MoE layers
+    top_k: int = 1
+    backend: str = "reference"  # one of BACKENDS
+    ffn_hidden_size: int = 0  # expert width; 0: model.ffn_hidden_size
+    layers: str = "all"  # which blocks get an MoE layer: all | even | odd | comma-separated indices
+    router: RouterConfig = field(default_factory=RouterConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)  # moe.backend=padded only
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    # the flat keys of earlier versions, refused by the loader with their new spelling
+    RENAMED: ClassVar[dict[str, str]] = {
+        "router_type": "router.type", "renormalize": "router.renormalize", "jitter_eps": "router.jitter_eps",
+        "aux_loss_weight": "router.aux_loss_weight", "aux_loss_scope": "router.aux_loss_scope",
+        "z_loss_weight": "router.z_loss_weight", "expert_bias_rate": "router.expert_bias_rate",
+        "capacity_factor": "capacity.factor", "min_capacity": "capacity.min",
+        "drop_policy": "capacity.drop_policy", "rectify_intra": "capacity.rectify_intra",
+        "rectify_fill": "capacity.rectify_fill", "block_size": "kernels.block_size"}
 
     def validate(self) -> None:
         if self.num_experts < 0:
@@ -38,34 +102,17 @@ class MoEConfig:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError("moe.top_k", f"is {self.top_k} but must be between 1 and moe.num_experts="
                               f"{self.num_experts}; lower moe.top_k or raise moe.num_experts")
-        from moe.experts import BACKENDS
         if self.backend not in BACKENDS:
             raise ConfigError("moe.backend", f"is {self.backend!r}; use one of {sorted(BACKENDS)}")
-        choices = {"router_type": ("softmax", "sparsemixer"), "aux_loss_scope": ("micro_batch", "global"),
-                   "drop_policy": ("position", "probability")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"moe.{key}", f"is {getattr(self, key)!r}; use one of {list(allowed)}")
-        if self.router_type == "sparsemixer":
-            if self.top_k > 2:
-                raise ConfigError("moe.top_k", f"is {self.top_k} but SparseMixer supports top_k 1 (v1) or 2 (v2)")
-            if self.jitter_eps <= 0:
-                raise ConfigError("moe.jitter_eps", "must be > 0 with router_type=sparsemixer (it is the mask "
-                                  "width; 0 keeps only the top expert and the router learns nothing): use 0.1")
-            for key in ("renormalize", "expert_bias_rate", "rectify_intra", "rectify_fill"):
-                if getattr(self, key):
-                    raise ConfigError(f"moe.{key}", "is not supported with moe.router_type=sparsemixer (its "
-                                      "multipliers come from the estimator); turn it off or use router_type=softmax")
-        if self.capacity_factor < 0:
-            raise ConfigError("moe.capacity_factor", f"is {self.capacity_factor}; use 0 (dynamic) or > 0")
-        for key in ("jitter_eps", "aux_loss_weight", "z_loss_weight", "expert_bias_rate"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"moe.{key}", f"is {getattr(self, key)}; it must be >= 0")
-        if (self.rectify_intra or self.rectify_fill) and self.backend != "padded":
-            raise ConfigError("moe.rectify_intra", "Rectify-Router needs moe.backend=padded (it acts on "
+        self.router.validate(self.top_k)
+        self.capacity.validate()
+        self.kernels.validate()
+        if self.capacity.rectify and self.backend != "padded":
+            raise ConfigError("moe.capacity.rectify_intra", "Rectify-Router needs moe.backend=padded (it acts on "
                               "dropped assignments and empty capacity slots)")
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ConfigError("moe.block_size", f"is {self.block_size}; use a power of two such as 128")
+        if self.capacity.rectify and self.router.type == "sparsemixer":
+            raise ConfigError("moe.capacity.rectify_intra", "is not supported with moe.router.type=sparsemixer "
+                              "(its multipliers come from the estimator); turn Rectify-Router off")
         self.moe_layer_indices(1)  # syntax check of `layers`
 
     def moe_layer_indices(self, num_layers: int) -> list[int]:

@@ -1,21 +1,21 @@
 """Routers: x [T, d] -> Routing. Computed in fp32 whatever the activation dtype.
 
-Options (moe.* keys):
-- `top_k` any k <= E, `renormalize` (weights of the k choices rescaled to sum to 1);
+Options (moe.router.* keys, moe.top_k):
+- `moe.top_k` any k <= E, `renormalize` (weights of the k choices rescaled to sum to 1);
 - `jitter_eps`: multiplicative input jitter x * U[1-eps, 1+eps], training only (Switch). With
-  `router_type=sparsemixer` the same key is SparseMixer's mask width instead (moe/sparsemixer.py);
+  `type=sparsemixer` the same key is SparseMixer's mask width instead (moe/sparsemixer.py);
 - Switch load-balance loss, `aux_loss_scope`:
     micro_batch: f_e from this call's tokens (the classic per-call loss);
     global: f_e from the counts of every micro-batch of the current optimizer step seen so far, summed over
-      the data-parallel `group` (all-reduced through parallel/comm.py on each call: one [E] all-reduce per
-      layer per micro-batch, no host sync). P_e stays the local mean probability, so the gradient has the
-      same scale as the micro-batch loss. `reset_step()` (called by MoELayer.after_step) clears the counts.
+      the data-parallel group (kept by moe/stats.py, which all-reduces each call's [E] counts: one
+      all-reduce per layer per micro-batch, no host sync). P_e stays the local mean probability, so the
+      gradient has the same scale as the micro-batch loss. The counts are cleared after each optimizer step.
       Caveat: activation recomputation that re-runs the router forward counts that micro-batch twice.
 - z-loss (ST-MoE);
 - aux-loss-free expert bias (DeepSeek-V3, `expert_bias_rate` > 0): a non-trainable bias [E] added to the
   probabilities only to choose the experts; the weights stay the unbiased probabilities. After each optimizer
   step, bias += rate * sign(mean load - load), the load being the step's counts summed over the group.
-- `router_type=sparsemixer`: v1 (k=1) / v2 (k=2) selection and gradient estimators (moe/sparsemixer.py).
+- `type=sparsemixer`: v1 (k=1) / v2 (k=2) selection and gradient estimators (moe/sparsemixer.py).
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import MoEConfig
-from moe.permute import count_per_expert
+from moe.config import RouterConfig
+from moe.positions import count_per_expert
 from moe.routing import Routing
 from moe.sparsemixer import sparsemixer_route
-from parallel.comm import all_reduce_sum
+from moe.stats import MoEStats
 
 
 def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -49,57 +49,44 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 class TopKRouter(nn.Module):
     """Softmax over all experts, then the k largest (optionally biased for selection only)."""
 
-    def __init__(self, cfg: MoEConfig, hidden_size: int, init_std: float):
+    def __init__(self, num_experts: int, top_k: int, cfg: RouterConfig, hidden_size: int, init_std: float):
         super().__init__()
-        self.cfg = cfg
-        E = cfg.num_experts
-        self.weight = nn.Parameter(torch.empty(E, hidden_size))
+        self.cfg, self.num_experts, self.top_k = cfg, num_experts, top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=init_std)
         # aux-loss-free balancing bias [E]: persistent (checkpointed), never trained by the optimizer
-        self.register_buffer("expert_bias", torch.zeros(E))
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
         # SparseMixer v1's output scale omega [d] (initialised to 1), applied by MoELayer after the combine
-        self.omega = (nn.Parameter(torch.ones(hidden_size))
-                      if cfg.router_type == "sparsemixer" and cfg.top_k == 1 else None)
-        # per-step accumulators (training only): local counts for the bias, group-summed counts for global aux
-        self.register_buffer("step_counts", torch.zeros(E, dtype=torch.int64), persistent=False)
-        self.register_buffer("global_counts", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.omega = nn.Parameter(torch.ones(hidden_size)) if cfg.type == "sparsemixer" and top_k == 1 else None
 
-    def forward(self, x: torch.Tensor, group=None) -> Routing:
-        cfg, E = self.cfg, self.cfg.num_experts
+    def forward(self, x: torch.Tensor, stats: MoEStats | None = None, layer: int = 0) -> Routing:
+        """x [T, d] -> Routing. In training, records the counts of MoE layer `layer` into `stats`."""
+        cfg, E, k = self.cfg, self.num_experts, self.top_k
         x = x.float()
-        if self.training and cfg.jitter_eps > 0 and cfg.router_type == "softmax":
+        if self.training and cfg.jitter_eps > 0 and cfg.type == "softmax":
             x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
         logits = F.linear(x, self.weight.float())  # [T, E] fp32
-        if cfg.router_type == "sparsemixer":
-            expert_ids, weights, probs = sparsemixer_route(logits, cfg.top_k, cfg.jitter_eps, self.training)
+        if cfg.type == "sparsemixer":
+            expert_ids, weights, probs = sparsemixer_route(logits, k, cfg.jitter_eps, self.training)
         else:
             probs = logits.softmax(-1)  # [T, E]
             if cfg.expert_bias_rate > 0:
                 with torch.no_grad():
-                    expert_ids = torch.topk(probs + self.expert_bias, cfg.top_k, dim=-1).indices  # [T, k]
+                    expert_ids = torch.topk(probs + self.expert_bias, k, dim=-1).indices  # [T, k]
                 weights = probs.gather(1, expert_ids)
             else:
-                weights, expert_ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, k]
+                weights, expert_ids = torch.topk(probs, k, dim=-1)  # [T, k]
             if cfg.renormalize:
                 weights = weights / weights.sum(-1, keepdim=True)
         counts = count_per_expert(expert_ids, E)  # [E]
         aux_counts = counts
-        if self.training:
-            with torch.no_grad():
-                self.step_counts += counts
-                if cfg.aux_loss_scope == "global":
-                    self.global_counts += all_reduce_sum(counts.clone(), group)
-                    aux_counts = self.global_counts.clone()
+        if self.training and stats is not None:
+            aux_counts = stats.record_routing(layer, counts, cfg.aux_loss_scope == "global")
         aux = load_balance_loss(probs, aux_counts)
-        return Routing(expert_ids, weights, probs, aux, z_loss(logits), E, {"counts": counts}, logits)
+        return Routing(expert_ids, weights, probs, logits, counts, aux, z_loss(logits))
 
     @torch.no_grad()
-    def update_bias(self, group=None) -> None:
-        """bias += rate * sign(mean load - load) over the step's counts summed over `group` (DeepSeek-V3)."""
-        if self.cfg.expert_bias_rate > 0:
-            load = all_reduce_sum(self.step_counts.clone(), group).float()
-            self.expert_bias += self.cfg.expert_bias_rate * torch.sign(load.mean() - load)
-
-    def reset_step(self) -> None:
-        self.step_counts.zero_()
-        self.global_counts.zero_()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """bias += rate * sign(mean load - load), `load` [E] the step's counts over the data-parallel group
+        (DeepSeek-V3)."""
+        self.expert_bias += self.cfg.expert_bias_rate * torch.sign(load.float().mean() - load.float())

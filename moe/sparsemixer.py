@@ -1,7 +1,7 @@
 """SparseMixer router gradients (v1: Liu et al. 2023, top-1; v2: GRIN 2024, top-1/top-2).
 
 Only the selected experts are computed. The estimator changes the forward multiplier of the chosen expert
-and the gradient that flows from that multiplier into the router logits (notes/algorithms.md §4):
+and the gradient that flows from that multiplier into the router logits (docs/algorithms.md §4):
 
 - mask (no gradient): expert j is out when (m - l_j) / max(|l_j|, m) > 2*eps, m = max_j l_j (the experts
   that Switch's multiplicative jitter U[1-eps, 1+eps] could never select); p = softmax over the rest;

@@ -1,4 +1,4 @@
-"""Communication for parallel/ and for callers outside it (moe/, train/ call these, never torch.distributed).
+"""Collectives for parallel/ and for callers outside it (moe/, train/ call these, never torch.distributed).
 
 The differentiable exchanges are autograd functions paired with their conjugates: the expert all-to-all here;
 the tensor-parallel copy/reduce pairs are megatron-core's (`tensor_parallel.mappings`), used by parallel/tensor.py.
@@ -18,6 +18,14 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     if is_distributed() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    """The even all-to-all of per-expert counts: counts [P * n] holds, at r * n + e, what this rank sends to
+    local expert e of rank r; the result holds, at s * n + e, what rank s sends to this rank's expert e."""
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts, group=group)
+    return out
 
 
 class _AllToAll(torch.autograd.Function):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from train.errors import ConfigError
+from errors import ConfigError
 
 
 @dataclass

@@ -19,9 +19,9 @@ every rank issues the same collectives in the same order even when readiness dif
 (a parameter without a gradient gets zeros), waits, and copies the results back.
 
 Clipping norm: ||g||^2 = sum over parameters of ||g_p||^2 / copies_p, all-reduced once over the world, where
-copies_p is the number of ranks holding that same gradient after the sync: world / tp for tensor-split weights,
-world / ep for expert weights under expert parallelism, world for everything else. Each distinct gradient
-element thus counts exactly once.
+copies_p is the number of ranks holding that same gradient after the sync (parallel/shards.py `copies`):
+world / tp for tensor-split weights, world / ep for expert weights under expert parallelism, world for
+everything else. Each distinct gradient element thus counts exactly once.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.shards import copies, is_expert_parallel
 from parallel.state import ParallelState
 
 
@@ -59,7 +60,7 @@ class GradSync:
         current: dict[bool, _Bucket] = {}
         sizes: dict[bool, int] = {}
         for p in reversed(self.params):
-            expert = getattr(p, "expert_parallel", False)
+            expert = is_expert_parallel(p)
             if expert not in current:
                 group = (self.ps.edp_group if self.ps.edp_size > 1 else None) if expert else self.ps.dp_group
                 current[expert], sizes[expert] = _Bucket([], group), 0
@@ -109,14 +110,6 @@ class GradSync:
         self.next, self.armed = 0, False
         return self.clip(max_norm)
 
-    def copies(self, p: nn.Parameter) -> int:
-        """Ranks holding the same gradient as this rank for `p`, after the sync."""
-        if getattr(p, "expert_parallel", False):
-            return self.ps.world_size // self.ps.ep_size
-        if getattr(p, "tensor_model_parallel", False):
-            return self.ps.world_size // self.ps.tp_size
-        return self.ps.world_size
-
     def clip(self, max_norm: float) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
@@ -124,7 +117,7 @@ class GradSync:
         by_copies: dict[int, list[torch.Tensor]] = {}
         for p in self.params:
             if p.grad is not None:
-                by_copies.setdefault(self.copies(p), []).append(p.grad)
+                by_copies.setdefault(copies(p, self.ps), []).append(p.grad)
         sq = sum(torch.stack(torch._foreach_norm(gs)).float().square().sum() / c for c, gs in by_copies.items())
         if self.ps.world_size > 1:
             dist.all_reduce(sq)

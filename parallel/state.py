@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from errors import ConfigError
 from parallel.config import ParallelConfig
-from train.errors import ConfigError
 
 
 @dataclass

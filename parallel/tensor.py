@@ -6,21 +6,25 @@ Slices on tp rank r of t (the same as megatron-core's own CPU initialisation, `p
     row     weight [out, in] -> columns [r * in / t, (r+1) * in / t)
     vocab   weight [V, d]    -> rows    [r * V / t, (r+1) * V / t)   (a vocab-split head uses `column`)
 Megatron-core's layers are created without initialisation (`perform_initialization=False`, CPU) and without
-touching the global RNG, then filled from the slice and tagged; no CUDA RNG tracker, no sequence parallelism.
-Parameters it splits carry `tensor_model_parallel=True`, `partition_dim`, `partition_stride`; the others
-(layer norms, positions, router, experts) are replicated over the tensor group with identical gradients.
+touching the global RNG, then filled from the slice and tagged (parallel/shards.py); no CUDA RNG tracker, no
+sequence parallelism. The other parameters (layer norms, positions, router, experts) are replicated over the
+tensor group with identical gradients.
 """
 from __future__ import annotations
 
 import torch
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           copy_to_tensor_model_parallel_region,
-                                           set_tensor_model_parallel_attributes, vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
 from torch import nn
 
-from parallel.expert import ExpertParallel
-from parallel.layers import Layers, shard
+from parallel.layers import Layers
+from parallel.shards import shard, tag_tensor_parallel
 from parallel.state import ParallelState
 
 
@@ -56,16 +60,16 @@ class _Row(_PlainState, RowParallelLinear):
 
 
 class TensorParallelLayers(Layers):
-    def __init__(self, ps: ParallelState, dispatcher: ExpertParallel | None):
-        super().__init__(dispatcher)
-        self.tp_size, self.tp_rank, self.group = ps.tp_size, ps.tp_rank, ps.tp_group
+    def __init__(self, ps: ParallelState):
+        super().__init__(ps)
+        self.tp_rank, self.group = ps.tp_rank, ps.tp_group
         self.config = ModelParallelConfig(tensor_model_parallel_size=ps.tp_size, use_cpu_initialization=True,
                                           perform_initialization=False, params_dtype=torch.float32)
 
     def _fill(self, module: nn.Module, full: torch.Tensor, dim: int, chunks: int = 1) -> nn.Module:
         with torch.no_grad():
             module.weight.copy_(shard(full, dim, self.tp_rank, self.tp_size, chunks))
-        set_tensor_model_parallel_attributes(module.weight, True, dim, chunks)  # set by megatron's init only
+        tag_tensor_parallel(module.weight, dim, chunks)  # megatron-core sets these in its own init only
         return module
 
     def column(self, linear: nn.Linear, chunks: int = 1) -> nn.Module:

@@ -8,14 +8,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from moe.config import MoEConfig  # noqa: E402
+from moe.config import KernelConfig  # noqa: E402
 from moe.experts.blocksparse import BlockSparseExperts, _BlockSparseMLP  # noqa: E402
 from moe.experts.reference import ReferenceExperts  # noqa: E402
 from moe.kernels import blocksparse as bs  # noqa: E402
-from moe.kernels.topology import (expert_topology, max_block_rows, padded_destinations,  # noqa: E402
-                                  padded_sources, transpose_indices)
-from moe.permute import sort_by_expert  # noqa: E402
+from moe.kernels.sort import sort_by_expert  # noqa: E402
+from moe.kernels.topology import expert_topology, max_block_rows, padded_destinations, padded_sources, transpose_indices  # noqa: E402
 from moe.routing import Routing  # noqa: E402
+from moe_helpers import make_routing, run_experts  # noqa: E402
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,7 +31,7 @@ def ints(t: torch.Tensor) -> list[int]:
 
 
 def test_topology_worked_example():
-    """algorithms.md §1.4–1.5: E=3, f=256, B=128, counts [130, 0, 100]."""
+    """docs/algorithms.md §1.4–1.5: E=3, f=256, B=128, counts [130, 0, 100]."""
     counts = torch.tensor([130, 0, 100])
     R = max_block_rows(230, 3, 128)
     assert R == 4  # (230 + 3·127) // 128: one spare row beyond the 3 in use
@@ -83,15 +83,15 @@ def test_topology_small_cases(counts, B, f, rows_used):
 
 
 def test_padded_destinations_hand_worked():
-    # k=1, B=4, E=3: expert 0 gets tokens 1, 3, 4 (rows 0-2, row 3 padding), expert 1 none,
-    # expert 2 gets tokens 0, 2 (rows 4-5)
+    # k=1, B=4, E=3: expert 0 gets tokens 1, 3, 4 (sorted positions 0-2 -> rows 0-2, row 3 padding), expert 1
+    # none, expert 2 gets tokens 0, 2 (positions 3-4 -> rows 4-5)
     ids = torch.tensor([[2], [0], [2], [0], [0]])
-    assert ints(padded_destinations(sort_by_expert(ids, 3), 4)) == [4, 0, 5, 1, 2]
+    assert ints(padded_destinations(sort_by_expert(ids, 3), 4)) == [0, 1, 2, 4, 5]
     # k=2, B=2, E=2: every token on both experts; expert 0 rows 0-2 (+1 padding), expert 1 rows 4-6
     ids = torch.tensor([[1, 0], [0, 1], [1, 0]])
     dest = padded_destinations(sort_by_expert(ids, 2), 2)
-    assert ints(dest) == [4, 0, 1, 5, 6, 2] and dest.dtype == torch.int32
-    assert ints(padded_sources(dest, 10)) == [1, 2, 5, -1, 0, 3, 4, -1, -1, -1]
+    assert ints(dest) == [0, 1, 2, 4, 5, 6] and dest.dtype == torch.int64
+    assert ints(padded_sources(dest, 10)) == [0, 1, 2, -1, 3, 4, 5, -1, -1, -1]
 
 
 def test_permutation_kernels():
@@ -99,7 +99,8 @@ def test_permutation_kernels():
     torch.manual_seed(6)
     T, k, d, E, B = 11, 3, 70, 4, 4
     ids = random_ids(T, E, k)
-    dest = padded_destinations(sort_by_expert(ids, E), B).view(T, k)
+    srt = sort_by_expert(ids, E)
+    dest = torch.empty_like(srt.order).scatter_(0, srt.order, padded_destinations(srt, B)).view(T, k)  # by slot
     rows = max_block_rows(T * k, E, B) * B
     src = padded_sources(dest.reshape(-1), rows)
     x, w = torch.randn(T, d), torch.rand(T, k)
@@ -269,9 +270,7 @@ def test_mlp_function_against_dense_autograd(activation):
 
 
 def routing_for(ids: torch.Tensor, E: int) -> Routing:
-    T = ids.shape[0]
-    weights = torch.rand(ids.shape, dtype=torch.float32)
-    return Routing(ids, weights, torch.rand(T, E), torch.zeros(()), torch.zeros(()), E)
+    return make_routing(ids, torch.rand(ids.shape, dtype=torch.float32), E)
 
 
 def random_ids(T: int, E: int, k: int, skip: int | None = None) -> torch.Tensor:
@@ -298,9 +297,8 @@ CASES = {  # name: (T, d, f, E, k, B, activation, ids)
 def test_experts_match_reference(name):
     T, d, f, E, k, B, activation, kind = CASES[name]
     torch.manual_seed(hash(name) % 1000)
-    cfg = MoEConfig(num_experts=E, top_k=k, backend="blocksparse", block_size=B)
-    ref = ReferenceExperts(cfg, E, d, f, activation, 0.2, 0.2)
-    blk = BlockSparseExperts(cfg, E, d, f, activation, 0.2, 0.2)
+    ref = ReferenceExperts(E, d, f, activation, 0.2, 0.2)
+    blk = BlockSparseExperts(E, d, f, activation, 0.2, 0.2, kernels=KernelConfig(B))
     blk.load_state_dict(ref.state_dict())
     ids = (torch.full((T, 1), E - 1) if kind == "one" else random_ids(T, E, k, 1 if kind == "skip1" else None))
     routing = routing_for(ids, E)
@@ -308,11 +306,10 @@ def test_experts_match_reference(name):
     results = []
     for module in (ref, blk):
         xx, ww = x.clone().requires_grad_(), routing.weights.clone().requires_grad_()
-        y, dropped = module(xx, Routing(ids, ww, routing.probs, routing.aux_loss, routing.z_loss, E))
+        y = run_experts(module, xx, make_routing(ids, ww, E))
         y.backward(dout)
-        results.append((y, xx.grad, ww.grad, *[p.grad for p in module.parameters()], dropped))
-    (*want, _), (*got, dropped) = results
-    assert dropped.item() == 0 and dropped.dtype == torch.int64
+        results.append((y, xx.grad, ww.grad, *[p.grad for p in module.parameters()]))
+    want, got = results
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
     if kind == "skip1":
@@ -322,26 +319,26 @@ def test_experts_match_reference(name):
 def test_experts_fp16_close_to_fp32():
     T, d, f, E, k, B = 40, 32, 64, 4, 2, 32
     torch.manual_seed(5)
-    cfg = MoEConfig(num_experts=E, top_k=k, backend="blocksparse", block_size=B)
-    ref = ReferenceExperts(cfg, E, d, f, "gelu", 0.2, 0.2)
-    blk = BlockSparseExperts(cfg, E, d, f, "gelu", 0.2, 0.2)
+    ref = ReferenceExperts(E, d, f, "gelu", 0.2, 0.2)
+    blk = BlockSparseExperts(E, d, f, "gelu", 0.2, 0.2, kernels=KernelConfig(B))
     blk.load_state_dict(ref.state_dict())
     routing = routing_for(random_ids(T, E, k), E)
     x = torch.randn(T, d)
-    y_ref, _ = ref(x, routing)
-    y16, _ = blk.half()(x.half(), routing)
+    y_ref = run_experts(ref, x, routing)
+    y16 = run_experts(blk.half(), x.half(), routing)
     assert y16.dtype == torch.float16
     assert rel_err(y16, y_ref) < 5e-3
 
 
 def test_no_tokens():
-    cfg = MoEConfig(num_experts=2, top_k=1, backend="blocksparse", block_size=16)
-    y, dropped = BlockSparseExperts(cfg, 2, 8, 16, "gelu", 0.02, 0.02)(torch.randn(0, 8),
-                                                                     routing_for(torch.zeros(0, 1).long(), 2))
-    assert y.shape == (0, 8) and dropped.item() == 0
+    experts = BlockSparseExperts(2, 8, 16, "gelu", 0.02, 0.02, kernels=KernelConfig(16))
+    x = torch.randn(0, 8, requires_grad=True)
+    y = run_experts(experts, x, routing_for(torch.zeros(0, 1).long(), 2))
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and experts.w1.grad is not None  # every weight stays in the graph
 
 
 def test_ffn_not_multiple_of_block_size():
-    cfg = MoEConfig(num_experts=2, top_k=1, backend="blocksparse", block_size=32)
-    with pytest.raises(ValueError, match="multiple of moe.block_size"):
-        BlockSparseExperts(cfg, 2, 16, 48, "gelu", 0.02, 0.02)
+    with pytest.raises(ValueError, match="multiple of moe.kernels.block_size"):
+        BlockSparseExperts(2, 16, 48, "gelu", 0.02, 0.02, kernels=KernelConfig(32))

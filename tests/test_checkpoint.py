@@ -17,16 +17,20 @@ import pytest
 import torch
 
 from model.gpt import GPT
+from parallel.grads import GradSync
+from parallel.shards import shard_spec, tag_expert_parallel, tag_tensor_parallel
 from parallel.state import ParallelState
-from train.checkpoint import CheckpointError, Checkpointer, ShardSpec
+from train.checkpoint import Checkpointer, CheckpointError
 from train.config import CheckpointConfig, load_config
 from train.metrics import MetricsLogger
+from train.plan import plan_run
 from train.trainer import Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "tiny.yaml"  # made smaller still by TINY
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.vocab_size=64",
-        "moe.num_experts=4", "moe.top_k=2", "moe.jitter_eps=0.1", "moe.z_loss_weight=0.001", "data.seq_length=16",
+        "moe.num_experts=4", "moe.top_k=2", "moe.router.jitter_eps=0.1", "moe.router.z_loss_weight=0.001",
+        "data.seq_length=16",
         "train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=12", "train.log_interval=1",
         "train.warmup_frac=0.2", "train.device=cpu", "checkpoint.interval=3", "checkpoint.keep=2"]
 
@@ -39,7 +43,7 @@ class FakeData:
         gen = torch.Generator().manual_seed(0)
         self.tokens = torch.randint(0, self.vocab_size, (num_samples, seq_length + 1), generator=gen)
 
-    def train_batches(self, consumed_samples, micro_batch_size, global_batch_size):
+    def train_batches(self, consumed_samples, micro_batch_size, accumulation):
         start = consumed_samples
         while True:
             idx = torch.arange(start, start + micro_batch_size) % len(self.tokens)
@@ -63,12 +67,13 @@ def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
     model = GPT(cfg.model, cfg.moe, cfg.model.vocab_size, cfg.data.seq_length)
     ps = ParallelState()
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, ps, cfg.to_dict())
-    return Trainer(cfg, model, FakeData(), ps, MetricsLogger(run_dir, enabled=False), ckpt)
+    return Trainer(cfg.train, plan_run(cfg, 1), model, FakeData(), ps, MetricsLogger(run_dir, enabled=False),
+                   GradSync(model, ps), ckpt)
 
 
 def resume_and_run(run_dir: Path, *overrides: str) -> tuple[Trainer, list[float]]:
     trainer = make_trainer(run_dir, *overrides)
-    path = trainer.checkpointer.resolve(trainer.cfg.checkpoint.resume)
+    path = trainer.checkpointer.resolve(trainer.checkpointer.cfg.resume)
     if path is not None:
         trainer.load_checkpoint(path)
     return trainer, [r["loss"] for r in trainer.run()]
@@ -192,7 +197,7 @@ def test_auto_never_silently_starts_from_scratch(copied, tmp_path, capsys):
 
 
 def test_resume_typo_is_a_config_error():
-    from train.errors import ConfigError
+    from errors import ConfigError
     with pytest.raises(ConfigError, match="checkpoint.resume is 'latest'; use auto"):
         load_config(TINY_YAML, ["checkpoint.resume=latest"])
 
@@ -281,7 +286,7 @@ def test_nan_step_is_skipped_and_its_suspect_named(tmp_path, capsys):
     history = trainer.run()
     out = capsys.readouterr().out
     assert "step 3: non-finite loss or gradient, step skipped (1 in a row)" in out
-    assert "blocks.1.mlp aux_loss=nan" in out and "blocks.0.mlp aux_loss" not in out
+    assert "moe/1/aux_loss=nan" in out and "moe/0/aux_loss" not in out
     assert "grad_norm=nan" in out
     assert len(history) == 12 and trainer.step == 12 and trainer.skipped_in_row == 0
     step_counts = {float(s["step"]) for s in trainer.optimizer.state.values()}
@@ -373,19 +378,18 @@ def test_stop_request_catches_sigusr1_and_restores_handlers():
 
 class ShardedToy(torch.nn.Module):
     """Stacked experts [4, 3, 2] split along dim 0, a fused q|k|v [6, 2] whose three blocks are split separately,
-    and a replicated matrix: the three kinds of tensors a tensor- or expert-parallel model holds."""
+    and a replicated matrix: the three kinds of tensors a tensor- or expert-parallel model holds, tagged as the
+    parallel layers tag them (parallel/shards.py)."""
 
-    def __init__(self, rank: int = 0, size: int = 1, group=None):
+    def __init__(self, rank: int = 0, size: int = 1):
         super().__init__()
         gen = torch.Generator().manual_seed(0)
         experts, qkv, dense = (torch.randn(shape, generator=gen) for shape in ((4, 3, 2), (6, 2), (3, 3)))
         self.experts = torch.nn.Parameter(experts.chunk(size)[rank].clone())
         self.qkv = torch.nn.Parameter(torch.cat([block.chunk(size)[rank] for block in qkv.chunk(3)]))
         self.dense = torch.nn.Parameter(dense)
-        self.group = group
-
-    def checkpoint_shards(self) -> dict[str, ShardSpec]:
-        return {"experts": ShardSpec(0, self.group), "qkv": ShardSpec(0, self.group, chunks=3)}
+        tag_expert_parallel(self.experts)
+        tag_tensor_parallel(self.qkv, 0, chunks=3)
 
     def slices_of(self, full: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
         """This layout's share of one-process tensors (parameters or their optimizer states)."""
@@ -416,11 +420,11 @@ LAYOUTS = ((2, 1), (1, 2))  # (tensor, expert) parallel sizes on 2 ranks
 def _gpt_stepped(layers=None):
     """The GPT of test_parallel.py's size after one AdamW step on a fixed batch (one process: layers=None)."""
     from model.config import ModelConfig
-    from moe.config import MoEConfig
+    from moe.config import MoEConfig, RouterConfig
     from train.config import TrainConfig
     from train.optim import build_optimizer
     model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64)
-    moe_cfg = MoEConfig(num_experts=4, top_k=2, layers="1", z_loss_weight=0.001)
+    moe_cfg = MoEConfig(num_experts=4, top_k=2, layers="1", router=RouterConfig(z_loss_weight=0.001))
     torch.manual_seed(1234)
     model = GPT(model_cfg, moe_cfg, 64, 8, layers)
     opt = build_optimizer(model, TrainConfig(lr=0.01))
@@ -432,33 +436,31 @@ def _gpt_stepped(layers=None):
 
 
 def _expected_slice(p: torch.Tensor, full: torch.Tensor, ps) -> torch.Tensor:
-    from parallel.layers import shard
-    if getattr(p, "expert_parallel", False):
-        return full.chunk(ps.ep_size)[ps.ep_rank]
-    if getattr(p, "tensor_model_parallel", False):
-        return shard(full, p.partition_dim, ps.tp_rank, ps.tp_size, p.partition_stride)
-    return full
+    spec = shard_spec(p, ps)
+    return full if spec is None else spec.local_slice(full)
 
 
 def _reshard_worker(rank: int, size: int, tmp: Path, port: int) -> None:
     """On each of `size` gloo ranks: load the one-process checkpoints into this rank's slices (the toy through its
-    checkpoint_shards hook; the GPT under tensor and expert parallelism through the parallel layers' tags), check
+    tags; the GPT under tensor and expert parallelism through the parallel layers' tags), check
     them against the one-process state, and save them split over the ranks."""
-    from parallel.layers import build_layers
+    from parallel.factory import build_layers
     from parallel.state import build_state
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        ps = ParallelState(rank=rank, world_size=size)
+        world = torch.distributed.group.WORLD  # the toy's experts and q|k|v are split over both ranks
+        ps = ParallelState(rank=rank, world_size=size, tp_rank=rank, tp_size=size, ep_rank=rank, ep_size=size,
+                           tp_group=world, ep_group=world)
         reference = ShardedToy()
         full = _toy_state(reference, _toy_stepped(reference))
-        model = ShardedToy(rank, size, torch.distributed.group.WORLD)
+        model = ShardedToy(rank, size)
         opt = torch.optim.AdamW(model.parameters(), lr=0.1)
         Checkpointer(tmp / "one", CheckpointConfig(), ps, {}).load(tmp / "one" / "step-1", model, opt)
         for kind, tensors in _toy_state(model, opt).items():
             for name, want in model.slices_of(full[kind], rank, size).items():
                 assert torch.equal(tensors[name], want), (rank, kind, name)
-        model = ShardedToy(rank, size, torch.distributed.group.WORLD)
+        model = ShardedToy(rank, size)
         Checkpointer(tmp / "two", CheckpointConfig(), ps, {}).save(1, model, _toy_stepped(model), {})
 
         reference, ref_opt = _gpt_stepped()
@@ -466,8 +468,7 @@ def _reshard_worker(rank: int, size: int, tmp: Path, port: int) -> None:
         for tp, ep in LAYOUTS:
             ps = build_state(tp, ep, torch.device("cpu"))
             model, opt = _gpt_stepped(build_layers(ps))
-            assert any(getattr(p, "expert_parallel", False) or getattr(p, "tensor_model_parallel", False)
-                       for p in model.parameters())
+            assert any(shard_spec(p, ps) is not None for p in model.parameters())
             Checkpointer(tmp / "gpt", CheckpointConfig(), ps, {}).load(tmp / "gpt" / "step-1", model, opt)
             params = dict(model.named_parameters())
             for kind, tensors in _toy_state(model, opt).items():
@@ -481,7 +482,7 @@ def _reshard_worker(rank: int, size: int, tmp: Path, port: int) -> None:
 def test_checkpoints_move_between_layouts(tmp_path):
     """Saved by one process, loaded split over 2 gloo ranks; saved by the 2 ranks, loaded by one process:
     parameters and Adam states equal the one-process run's, bit for bit. For a toy model with the
-    checkpoint_shards hook (experts split, fused qkv split per block), and for the GPT under tp=2 and ep=2."""
+    tags of parallel/shards.py (experts split, fused qkv split per block), and for the GPT under tp=2 and ep=2."""
     reference = ShardedToy()
     opt = _toy_stepped(reference)
     Checkpointer(tmp_path / "one", CheckpointConfig(), ParallelState(), {}).save(1, reference, opt, {})

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 import pretrain
+from errors import ConfigError
 from train.config import load_config, save_config
-from train.errors import ConfigError
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -32,7 +32,7 @@ def test_paper_recipe(size, layers, hidden, heads):
         assert (cfg.data.seq_length, cfg.data.vocab_divisible_by, t.global_batch_size) == (1024, 1024, 512)
         assert (t.lr, t.min_lr, t.warmup_frac, t.clip_grad, m.init_std) == (6e-4, 6e-5, 0.01, 1.0, 0.01)
         if kind == "moe":
-            assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.aux_loss_weight) == (64, 1, 0.1)
+            assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.router.aux_loss_weight) == (64, 1, 0.1)
         else:
             assert cfg.moe.num_experts == 0
 
@@ -53,11 +53,37 @@ def test_overrides_are_typed():
     (["train.micro_batch_size=3"], "train.global_batch_size", "multiple of 3"),
     (["moe.backend=magic"], "moe.backend", "use one of"),
     (["train"], "train", "dotted.key=value"),
+    (["moe.router.typ=softmax"], "moe.router.typ", "did you mean moe.router.type"),
+    (["moe.capacity.factor=-1"], "moe.capacity.factor", "use 0 (dynamic) or > 0"),
+    (["moe.router=1"], "moe.router", "is a section"),
 ])
 def test_bad_config_names_key_and_fix(overrides, key, fix):
     with pytest.raises(ConfigError) as err:
         load_config("configs/tiny.yaml", overrides)
     assert err.value.key == key and fix in str(err.value)
+
+
+@pytest.mark.parametrize("old,new", [("capacity_factor", "capacity.factor"), ("min_capacity", "capacity.min"),
+                                     ("router_type", "router.type"), ("aux_loss_weight", "router.aux_loss_weight"),
+                                     ("block_size", "kernels.block_size"), ("rectify_fill", "capacity.rectify_fill")])
+def test_renamed_moe_keys_are_refused_with_the_new_spelling(old, new):
+    """The flat moe.* keys of earlier versions, on the command line and in a YAML file."""
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [f"moe.{old}=1"])
+    assert err.value.key == f"moe.{old}" and f"write moe.{new}=1" in str(err.value)
+
+
+def test_renamed_key_in_yaml(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("moe:\n  num_experts: 4\n  capacity_factor: 1.25\n")
+    with pytest.raises(ConfigError, match="moe.capacity_factor was renamed: write moe.capacity.factor=1.25"):
+        load_config(path)
+
+
+def test_nested_overrides():
+    cfg = load_config("configs/tiny.yaml", ["moe.capacity.factor=1.25", "moe.router.type=softmax",
+                                            "moe.kernels.block_size=64"])
+    assert (cfg.moe.capacity.factor, cfg.moe.router.type, cfg.moe.kernels.block_size) == (1.25, "softmax", 64)
 
 
 def test_world_size_checks():

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from data.config import DataConfig
 from data import loader
+from data.config import DataConfig
 from data.loader import GPTData
 from data.tokenizer import padded_vocab_size, train_sentencepiece, write_meta
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from train.errors import ConfigError
+from errors import ConfigError
 
 SEQ = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def corpus(tmp_path, tokenizer):
 def test_batches_have_the_promised_shape_and_vocab(corpus, tokenizer):
     data = GPTData(config([corpus], tokenizer), seed=1, train_samples=64, valid_samples=16)
     assert data.vocab_size == 320 == padded_vocab_size(280, 64) and data.eod_id == 2
-    batch = next(data.train_batches(0, micro_batch_size=4, global_batch_size=8))
+    batch = next(data.train_batches(0, micro_batch_size=4, accumulation=2))
     assert batch.shape == (4, SEQ + 1) and batch.dtype == torch.int64
     sample = data.train_dataset[0]  # megatron-core's own view of the first sample: tokens and shifted labels
     assert torch.equal(batch[0, :-1], sample["tokens"]) and torch.equal(batch[0, 1:], sample["labels"])
@@ -70,7 +70,7 @@ def test_batches_have_the_promised_shape_and_vocab(corpus, tokenizer):
 
 def test_train_valid_test_are_disjoint(corpus, tokenizer):
     data = GPTData(config([corpus], tokenizer), seed=1, train_samples=300, valid_samples=40)
-    train = set().union(*(documents(b, 2) for b in data.train_batches(0, 10, 10)))
+    train = set().union(*(documents(b, 2) for b in data.train_batches(0, 10, 1)))
     valid = set().union(*(documents(b, 2) for b in data.valid_batches(10, 4)))
     # split 80,15,5 of 200 documents: train 0..159, valid 160..189, test 190..199
     assert train <= set(range(1000, 1160)) and len(train) > 150
@@ -80,7 +80,7 @@ def test_train_valid_test_are_disjoint(corpus, tokenizer):
 def test_order_is_deterministic_and_follows_the_seed(corpus, tokenizer, tmp_path):
     def first_batches(seed, cache):
         data = GPTData(config([corpus], tokenizer, cache_dir=str(tmp_path / cache)), seed, 200, 16)
-        return torch.cat(list(data.train_batches(0, 4, 8))[:10])
+        return torch.cat(list(data.train_batches(0, 4, 2))[:10])
 
     a = first_batches(7, "a")
     assert torch.equal(a, first_batches(7, "b"))  # rebuilt from scratch in another cache
@@ -90,10 +90,10 @@ def test_order_is_deterministic_and_follows_the_seed(corpus, tokenizer, tmp_path
 
 def test_resume_at_step_n_gives_the_same_batches(corpus, tokenizer):
     data = GPTData(config([corpus], tokenizer), seed=3, train_samples=400, valid_samples=16)
-    micro, global_batch, n = 2, 8, 5
-    uninterrupted = list(data.train_batches(0, micro, global_batch))
-    resumed = data.train_batches(n * global_batch, micro, global_batch)
-    per_step = global_batch // micro
+    micro, per_step, n = 2, 4, 5
+    global_batch = micro * per_step
+    uninterrupted = list(data.train_batches(0, micro, per_step))
+    resumed = data.train_batches(n * global_batch, micro, per_step)
     for expected in uninterrupted[n * per_step:(n + 3) * per_step]:
         assert torch.equal(next(resumed), expected)
     assert len(uninterrupted) == len(data.train_dataset) // global_batch * per_step
@@ -103,8 +103,8 @@ def test_rank_shards_are_disjoint_and_cover_the_global_batch(corpus, tokenizer):
     cfg = config([corpus], tokenizer)
     single = GPTData(cfg, seed=5, train_samples=200, valid_samples=24)
     ranks = [GPTData(cfg, seed=5, train_samples=200, valid_samples=24, dp_rank=r, dp_size=2) for r in range(2)]
-    full = single.train_batches(0, micro_batch_size=2, global_batch_size=8)  # 4 micro-batches per step
-    shards = [r.train_batches(0, micro_batch_size=2, global_batch_size=8) for r in ranks]  # 2 per rank per step
+    full = single.train_batches(0, micro_batch_size=2, accumulation=4)  # global batch 8
+    shards = [r.train_batches(0, micro_batch_size=2, accumulation=2) for r in ranks]  # 2 ranks x 2 x 2 = 8
     for _ in range(6):
         global_batch = torch.cat([next(full) for _ in range(4)])
         rank0 = torch.cat([next(shards[0]) for _ in range(2)])
@@ -131,7 +131,7 @@ def test_blend_proportions(tmp_path, tokenizer):
                    valid_samples=0)
     assert not torch.distributed.is_initialized()  # the temporary group for blending is gone again
     counts = {"a": 0, "b": 0}
-    for batch in data.train_batches(0, 50, 50):
+    for batch in data.train_batches(0, 50, 1):
         for sample in batch:
             tokens = sample[sample != 2]
             counts["a" if tokens.float().mean() < 5000 else "b"] += 1
@@ -162,7 +162,7 @@ def test_a_split_without_documents_is_a_config_error(tmp_path, tokenizer):
 
 def test_prefetch_thread_stops_and_errors_reach_the_consumer(corpus, tokenizer, monkeypatch):
     data = GPTData(config([corpus], tokenizer, prefetch=2), seed=1, train_samples=64, valid_samples=0)
-    batches = data.train_batches(0, 2, 4)
+    batches = data.train_batches(0, 2, 2)
     next(batches)
     threads = [t for t in threading.enumerate() if t.name == "gpt-data-prefetch"]
     assert threads
@@ -176,7 +176,7 @@ def test_prefetch_thread_stops_and_errors_reach_the_consumer(corpus, tokenizer, 
 
     monkeypatch.setattr(loader, "_raw_sample", broken)
     with pytest.raises(OSError, match="disk gone"):
-        next(data.train_batches(0, 2, 4))
+        next(data.train_batches(0, 2, 2))
 
 
 @pytest.mark.skipif(not (REPO / "corpus" / "shakespeare_text_document.idx").exists(),
@@ -185,7 +185,7 @@ def test_embedded_corpus_with_the_default_config(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     data = GPTData(DataConfig(cache_dir=str(tmp_path)), seed=1234, train_samples=64, valid_samples=8)
     assert data.vocab_size == 8192 and data.eod_id == 2
-    batch = next(data.train_batches(0, 2, 4))
+    batch = next(data.train_batches(0, 2, 2))
     assert batch.shape == (2, 1025) and int(batch.max()) < 8000
     from data.tokenizer import load_tokenizer
 

@@ -27,12 +27,12 @@ def test_shapes_and_initial_loss(overrides):
     model = GPT(cfg.model, cfg.moe, V, S)
     tokens = torch.randint(0, V, (3, S + 1))
     loss, parts = model(tokens[:, :-1], tokens[:, 1:])
-    assert loss.shape == () and set(parts) == {"lm", "aux", "z"}
-    assert parts["lm"].item() == pytest.approx(math.log(V), abs=0.1)  # small init: near-uniform predictions
+    assert loss.shape == () and set(parts) == {"lm_loss", "aux_loss", "z_loss"}
+    assert parts["lm_loss"].item() == pytest.approx(math.log(V), abs=0.1)  # small init: near-uniform predictions
     expect_moe = len(cfg.moe.moe_layer_indices(cfg.model.num_layers))
     assert len(model.moe_layers()) == expect_moe
     if expect_moe:
-        assert parts["aux"].item() == pytest.approx(1.0, abs=0.3)  # about 1 when load is near balanced
+        assert parts["aux_loss"].item() == pytest.approx(1.0, abs=0.3)  # about 1 when load is near balanced
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -77,5 +77,5 @@ def test_reference_moe_by_hand():
     z_by_hand = sum(math.log(sum(math.exp(v) for v in t)) ** 2 for t in x[0].tolist()) / 3
     assert aux.item() == pytest.approx(aux_by_hand, rel=1e-5)
     assert z.item() == pytest.approx(z_by_hand, rel=1e-5)
-    m = layer.read_metrics()
-    assert m["tokens_max"].item() == max(counts) and m["dropped_frac"].item() == 0
+    m = layer.stats.reduce_and_reset()
+    assert m["moe/0/tokens_max"] == max(counts) and m["moe/0/dropped_frac"] == 0

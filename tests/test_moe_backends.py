@@ -5,14 +5,16 @@ import math
 import pytest
 import torch
 
-from moe.config import MoEConfig
+from moe.capacity import capacity
+from moe.config import CapacityConfig, MoEConfig, RouterConfig
 from moe.experts import backend_class
 from moe.layer import MoELayer
-from moe.routing import Routing
+from moe_helpers import make_routing, run_experts
 
 D, F = 16, 24
 # (backend, extra config): every one of these must equal the reference exactly (dropless)
-DROPLESS = [("grouped", {}), ("padded", {"capacity_factor": 0.0}), ("padded", {"capacity_factor": 64.0})]
+DROPLESS = [("grouped", {}), ("padded", {"capacity": CapacityConfig(factor=0.0)}),
+            ("padded", {"capacity": CapacityConfig(factor=64.0)})]
 
 
 def make_layer(backend, E, k, activation="swiglu", **kw):
@@ -51,7 +53,7 @@ CASES = [
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_backend_matches_reference(backend, kw, E, k, B, S, bias, activation):
     # the expert bias changes the choice only (expert_bias_rate > 0 turns it on; no update happens here)
-    extra = {"expert_bias_rate": 1e-3} if bias is not None else {}
+    extra = {"router": RouterConfig(expert_bias_rate=1e-3)} if bias is not None else {}
     ref, other = make_layer("reference", E, k, activation, **extra), make_layer(backend, E, k, activation,
                                                                                 **extra, **kw)
     other.load_state_dict(ref.state_dict())
@@ -65,7 +67,7 @@ def test_backend_matches_reference(backend, kw, E, k, B, S, bias, activation):
     assert g0.keys() == g1.keys() and "router.weight" in g0 and "experts.w1" in g0
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], msg=name)
-    assert other.read_metrics()["dropped_frac"] == 0
+    assert other.stats.reduce_and_reset()["moe/0/dropped_frac"] == 0
 
 
 def test_same_state_dict_keys_in_every_backend():
@@ -96,38 +98,42 @@ def test_switching_backend_of_a_model_gives_same_loss():
 
 # ---- padded capacity and drops ----
 
-def padded(E, k, **kw):
-    cfg = MoEConfig(num_experts=E, top_k=k, backend="padded", min_capacity=1, **kw)
+def padded(E, **kw):
+    cfg = CapacityConfig(min=1, **kw)
     cfg.validate()
     torch.manual_seed(0)
-    return backend_class("padded")(cfg, E, D, F, "gelu", 0.2, 0.2).double()
+    return cfg, backend_class("padded")(E, D, F, "gelu", 0.2, 0.2).double()
 
 
 def hand_routing(ids, probs):
     ids, probs = torch.tensor(ids), torch.tensor(probs, dtype=torch.float64)
-    w = probs.gather(1, ids)
-    return Routing(ids, w, probs, probs.new_zeros(()), probs.new_zeros(()), probs.shape[1], {}, probs.log())
+    return make_routing(ids, probs.gather(1, ids), probs.shape[1], probs, probs.log())
+
+
+def padded_forward(cfg, experts, x, routing):
+    """The capacity step, then the padded experts through the local dispatcher: (y, dropped count)."""
+    return run_experts(experts, x, routing, cfg)
 
 
 def expected(experts, x, routing, keep):
     """Reference output with the dropped assignments removed."""
-    ref = backend_class("reference")(experts.cfg, experts.num_experts, D, F, "gelu", 0.2, 0.2).double()
+    ref = backend_class("reference")(experts.num_experts, D, F, "gelu", 0.2, 0.2).double()
     ref.load_state_dict(experts.state_dict())
     r = hand_routing(routing.expert_ids.tolist(), routing.probs.tolist())
     r.weights = r.weights * torch.tensor(keep, dtype=torch.float64)
-    return ref(x, r)[0]
+    return run_experts(ref, x, r)
 
 
 def test_capacity_formula():
-    e = padded(4, 2, capacity_factor=1.25)
     counts = torch.tensor([9, 1, 0, 0])
-    assert e.capacity(5, 2, counts) == 4  # ceil(1.25*2*5/4) = 4 (>= min_capacity 1)
-    assert e.capacity(100, 2, counts) == 63  # ceil(62.5)
-    assert e.capacity(2, 2, counts) == 2  # at most T
-    e.cfg.min_capacity = 8
-    assert e.capacity(5, 2, counts) == 5  # min_capacity 8, then capped at T = 5
-    e.cfg.capacity_factor = 0
-    assert e.capacity(5, 2, counts) == 9  # dynamic: the largest load
+    cfg = CapacityConfig(factor=1.25, min=1)
+    assert capacity(cfg, 5, 2, counts) == 4  # ceil(1.25*2*5/4) = 4 (>= min 1)
+    assert capacity(cfg, 100, 2, counts) == 63  # ceil(62.5)
+    assert capacity(cfg, 2, 2, counts) == 2  # at most T
+    cfg.min = 8
+    assert capacity(cfg, 5, 2, counts) == 5  # min 8, then capped at T = 5
+    cfg.factor = 0
+    assert capacity(cfg, 5, 2, counts) == 9  # dynamic: the largest load
 
 
 # T=3, E=3, k=2, cf=1: C = ceil(2*3/3) = 2. Expert 0 receives (t0, slot 0, p .5), (t1, slot 1, p .35),
@@ -141,39 +147,39 @@ PROBS = [[0.5, 0.3, 0.2], [0.35, 0.45, 0.2], [0.4, 0.1, 0.5]]
     ("probability", [[1, 1], [1, 0], [1, 1]]),  # p .5 and .4 kept: (t1, slot 1) dropped
 ])
 def test_drop_accounting_hand_worked(policy, keep):
-    e = padded(3, 2, capacity_factor=1.0, drop_policy=policy)
+    cfg, e = padded(3, factor=1.0, drop_policy=policy)
     routing = hand_routing(IDS, PROBS)
     x = torch.randn(3, D, dtype=torch.float64)
-    y, num_dropped = e(x, routing)
+    y, num_dropped = padded_forward(cfg, e, x, routing)
     assert num_dropped.item() == 1
     torch.testing.assert_close(y, expected(e, x, routing, keep))
 
 
 def test_first_choices_before_second_choices_k1_and_all_dropped_token():
     # k=1, E=2, T=4, cf=1: C=2; expert 0 gets t0, t1, t2 -> t2 dropped and its output is exactly 0
-    e = padded(2, 1, capacity_factor=1.0)
+    cfg, e = padded(2, factor=1.0)
     routing = hand_routing([[0], [0], [0], [1]], [[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.2, 0.8]])
     x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
-    y, num_dropped = e(x, routing)
+    y, num_dropped = padded_forward(cfg, e, x, routing)
     assert num_dropped.item() == 1 and torch.all(y[2] == 0) and y[0].abs().sum() > 0
     y.sum().backward()
     assert torch.all(x.grad[2] == 0)
-    e.cfg.drop_policy = "probability"  # t0 (p .6) is now the lowest
-    y, _ = e(x, routing)
+    cfg.drop_policy = "probability"  # t0 (p .6) is now the lowest
+    y, _ = padded_forward(cfg, e, x, routing)
     assert torch.all(y[0] == 0) and y[2].abs().sum() > 0
 
 
 def test_layer_reports_dropped_fraction():
-    layer = make_layer("padded", 4, 1, capacity_factor=1.0, min_capacity=1,
-                       expert_bias_rate=1e-3)
+    layer = make_layer("padded", 4, 1, capacity=CapacityConfig(factor=1.0, min=1),
+                       router=RouterConfig(expert_bias_rate=1e-3))
     layer.router.expert_bias.copy_(torch.tensor([10.0, 0, 0, 0]))  # all 8 tokens on expert 0
     layer(torch.randn(1, 8, D, dtype=torch.float64))
-    m = layer.read_metrics()
+    m = {k.split("/")[-1]: v for k, v in layer.stats.reduce_and_reset().items()}
     # C = ceil(1*1*8/4) = 2 kept of 8
-    assert m["dropped_frac"].item() == pytest.approx(6 / 8)
-    assert m["tokens_max"].item() == 8 and m["tokens_mean"].item() == 2 and m["idle_frac"].item() == 0.75
-    assert m["max_over_mean"].item() == 4
-    assert layer.read_metrics()["dropped_frac"].item() == 0  # reset by the read
+    assert m["dropped_frac"] == pytest.approx(6 / 8)
+    assert m["tokens_max"] == 8 and m["tokens_mean"] == 2 and m["idle_frac"] == 0.75
+    assert m["max_over_mean"] == 4
+    assert layer.stats.reduce_and_reset()["moe/0/dropped_frac"] == 0  # reset by the read
 
 
 @pytest.mark.parametrize("backend,kw", [("reference", {})] + DROPLESS, ids=["reference", "grouped", "padded-cf0",
@@ -189,15 +195,20 @@ def test_no_tokens(backend, kw):
 
 
 def test_skipped_step_clears_counts_without_moving_bias():
-    layer = make_layer("reference", 4, 1, expert_bias_rate=0.1, aux_loss_scope="global")
-    layer(torch.randn(2, 5, D, dtype=torch.float64))
-    assert layer.router.step_counts.sum() == 10 and layer.router.global_counts.sum() == 10
-    layer.after_step(applied=False)
-    assert layer.router.step_counts.sum() == 0 and layer.router.global_counts.sum() == 0
-    assert torch.count_nonzero(layer.router.expert_bias) == 0
-    layer(torch.randn(2, 5, D, dtype=torch.float64))
-    layer.after_step(applied=True)
-    assert torch.count_nonzero(layer.router.expert_bias) > 0
+    from model.config import ModelConfig
+    from model.gpt import GPT
+    moe_cfg = MoEConfig(num_experts=4, top_k=1, router=RouterConfig(expert_bias_rate=0.1, aux_loss_scope="global"))
+    model = GPT(ModelConfig(num_layers=1, hidden_size=D, num_heads=2), moe_cfg, 50, 8)
+    tokens = torch.randint(0, 50, (2, 5))
+    model(tokens, tokens)
+    stats, bias = model.moe_stats, model.moe_layers()[0].router.expert_bias
+    assert stats.step_counts.sum() == 10 and stats.global_counts.sum() == 10
+    model.end_step(applied=False)
+    assert stats.step_counts.sum() == 0 and stats.global_counts.sum() == 0
+    assert torch.count_nonzero(bias) == 0
+    model(tokens, tokens)
+    model.end_step(applied=True)
+    assert torch.count_nonzero(bias) > 0
 
 
 @pytest.mark.parametrize("ids", [
@@ -210,8 +221,7 @@ def test_skipped_step_clears_counts_without_moving_bias():
 @pytest.mark.parametrize("impl", ["torch", "counting"])
 def test_sort_by_expert_is_a_stable_counting_sort(ids, impl):
     """torch.sort's path (CPU, or many experts) and the Triton counting sort (the GPU's, here interpreted)."""
-    from moe.kernels.sort import counting_sort
-    from moe.permute import Sorted, sort_by_expert
+    from moe.kernels.sort import Sorted, counting_sort, sort_by_expert
 
     E, flat = 7, ids.reshape(-1)
     s = sort_by_expert(ids, E) if impl == "torch" else Sorted(*counting_sort(flat, E, torch.int16))

@@ -21,10 +21,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from errors import ConfigError
 from model.config import ModelConfig
-from moe.config import MoEConfig
+from moe.config import CapacityConfig, MoEConfig, RouterConfig
+from moe_helpers import make_routing
+from parallel.shards import shard_spec
 from train.config import load_config
-from train.errors import ConfigError
 
 V, S = 64, 8  # vocabulary, sequence length
 MICRO, ACCUMULATION = 1, 2  # sequences per micro-batch and micro-batches per rank
@@ -32,8 +34,9 @@ MICRO, ACCUMULATION = 1, 2  # sequences per micro-batch and micro-batches per ra
 
 def _model_configs(backend="reference", **model_kw):
     model = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, **model_kw)
-    moe = MoEConfig(num_experts=4, top_k=2, layers="1", backend=backend, aux_loss_weight=0.01, z_loss_weight=0.001,
-                    capacity_factor=8.0 if backend == "padded" else 1.0)
+    moe = MoEConfig(num_experts=4, top_k=2, layers="1", backend=backend,
+                    router=RouterConfig(aux_loss_weight=0.01, z_loss_weight=0.001),
+                    capacity=CapacityConfig(factor=8.0 if backend == "padded" else 1.0))
     return model, moe
 
 
@@ -46,11 +49,8 @@ def _gather(t: torch.Tensor, group, dim: int, chunks: int = 1) -> torch.Tensor:
 
 
 def _full(p: torch.Tensor, t: torch.Tensor, ps) -> torch.Tensor:
-    if getattr(p, "expert_parallel", False):
-        return _gather(t, ps.ep_group, 0)
-    if getattr(p, "tensor_model_parallel", False):
-        return _gather(t, ps.tp_group, p.partition_dim, p.partition_stride)
-    return t
+    spec = shard_spec(p, ps)
+    return t if spec is None else _gather(t, spec.group, spec.dim, spec.chunks)
 
 
 def _close(got, want, what):
@@ -59,8 +59,8 @@ def _close(got, want, what):
 
 def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> None:
     from model.gpt import GPT
+    from parallel.factory import build_layers
     from parallel.grads import GradSync
-    from parallel.layers import build_layers
     from parallel.state import build_state
 
     ps = build_state(tp, ep, torch.device("cpu"))
@@ -80,8 +80,6 @@ def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> No
 
     torch.manual_seed(1234)
     model = GPT(model_cfg, moe_cfg, V, S, layers=build_layers(ps))
-    for layer in model.moe_layers():
-        layer.group = ps.dp_group
     sync = GradSync(model, ps, bucket_mb=0.004)  # a few KiB: many buckets, launched during backward
     assert len(sync.buckets) > 2 or ps.dp_size == 1
     local_loss = 0
@@ -91,9 +89,10 @@ def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> No
         sync.begin_backward(last=i == ACCUMULATION - 1)
         (loss / ACCUMULATION).backward()
         local_loss += loss.detach() / ACCUMULATION
-    got, want = model.moe_layers()[0].read_metrics(), ref.moe_layers()[0].read_metrics()
+    got, want = model.moe_stats.reduce_and_reset(), ref.moe_stats.reduce_and_reset()
+    assert got.keys() == want.keys() and want
     for key in want:  # expert load, dropped fraction, aux and z: over every data-parallel rank
-        _close(got[key], want[key], f"MoE metric {key}")
+        _close(torch.tensor(got[key]), torch.tensor(want[key]), f"MoE metric {key}")
     mean = sync.average({"loss": local_loss})
     norm = sync.finish(max_norm=0)
     _close(mean["loss"], ref_loss, "loss")
@@ -110,22 +109,11 @@ def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> No
     _close(sync.clip(max_norm=0), 0.5 * ref_norm, "norm after clipping")
 
 
-def _routing(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
-    from moe.routing import Routing
-    zero = torch.zeros(())
-    return Routing(expert_ids, weights, torch.zeros(len(expert_ids), num_experts), zero, zero, num_experts)
-
-
 def check_dispatch_identity(ep: int) -> None:
-    """Dispatch, an identity backend, combine: y == x for gates summing to 1; rank 1 has no tokens."""
-    from parallel.expert import ExpertParallel
+    """Dispatch, the identity on the rows, combine: y == x for gates summing to 1; rank 1 has no tokens. The
+    rows arrive grouped by local expert (counts summing to the rows received)."""
+    from moe.dispatch import AllToAllDispatcher
     from parallel.state import build_state
-
-    class Identity(torch.nn.Module):
-        def forward(self, x, routing):
-            assert routing.top_k == 1 and bool((routing.weights == 1).all())
-            assert bool((routing.expert_ids < 2).all()), "local ids must be local"
-            return x * 1, torch.zeros((), dtype=torch.int64)
 
     ps = build_state(1, ep, torch.device("cpu"))
     g = torch.Generator().manual_seed(ps.rank)
@@ -134,7 +122,11 @@ def check_dispatch_identity(ep: int) -> None:
     x = torch.randn(T, 6, generator=g, requires_grad=True)
     ids = torch.rand(T, E, generator=g).topk(2, dim=1).indices
     w = torch.rand(T, 2, generator=g)
-    y, _ = ExpertParallel(ps.ep_group, ps.ep_rank, ep)(Identity(), x, _routing(ids, w / w.sum(1, keepdim=True), E))
+    dispatcher = AllToAllDispatcher(ps.ep_group, ps.ep_rank, ep)
+    rows, handle = dispatcher.dispatch(x, make_routing(ids, w / w.sum(1, keepdim=True), E))
+    assert rows.top_k == 1 and rows.sort.counts.numel() == 2 and int(rows.sort.counts.sum()) == rows.x.shape[0]
+    assert bool((rows.sort.expert_of[1:] >= rows.sort.expert_of[:-1]).all()), "grouped by local expert"
+    y = dispatcher.combine(rows.gathered() * 1, handle)
     _close(y, x.detach(), "dispatch then combine")
     y.sum().backward()
     _close(x.grad, torch.ones_like(x), "gradient of dispatch then combine")
@@ -144,17 +136,20 @@ def check_zero_tokens(ep: int) -> None:
     """Reference experts under expert parallelism against the full experts in one process: first every token
     goes to ep rank 0's experts (the other ranks receive nothing, and rank 1 sends nothing), then random routes
     that leave the last expert empty."""
+    from moe.dispatch import AllToAllDispatcher
     from moe.experts.reference import ReferenceExperts
-    from parallel.expert import ExpertParallel
+    from moe_helpers import run_experts
     from parallel.state import build_state
 
     ps = build_state(1, ep, torch.device("cpu"))
     E, d, f = 2 * ep, 6, 8
-    cfg = MoEConfig(num_experts=E, top_k=2)
     torch.manual_seed(7)
-    full = ReferenceExperts(cfg, E, d, f, "gelu", 0.5, 0.5)
-    dispatcher = ExpertParallel(ps.ep_group, ps.ep_rank, ep)
-    local = dispatcher.shard(full)  # this rank's 2 experts, copies of full's
+    full = ReferenceExperts(E, d, f, "gelu", 0.5, 0.5)
+    dispatcher = AllToAllDispatcher(ps.ep_group, ps.ep_rank, ep)
+    torch.manual_seed(7)
+    local = ReferenceExperts(E, d, f, "gelu", 0.5, 0.5, dispatcher.local_experts(E))  # this rank's 2 experts
+    for name, p in local.named_parameters():
+        assert torch.equal(p, getattr(full, name)[ps.ep_rank * 2:(ps.ep_rank + 1) * 2]), "sliced initialisation"
     for case, top in (("all on rank 0", 2), ("last expert empty", E - 1)):
         g = torch.Generator().manual_seed(11)
         sizes = [0 if r == 1 else 4 + r for r in range(ep)]
@@ -164,25 +159,24 @@ def check_zero_tokens(ep: int) -> None:
         cs = [torch.randn(n, d, generator=g) for n in sizes]
         full.zero_grad()
         for x, ids, w, c in zip(xs, idss, ws, cs):
-            if not len(x):  # moe.permute.combine cannot view 0 tokens; nothing to add anyway
+            if not len(x):  # nothing to add
                 continue
-            y_ref, _ = full(x, _routing(ids, w, E))
-            (y_ref * c).sum().backward()
+            (run_experts(full, x, make_routing(ids, w, E)) * c).sum().backward()
         r = ps.ep_rank
         x = xs[r].detach().requires_grad_()
         w = ws[r].detach().requires_grad_()
         local.zero_grad()
-        y, dropped = dispatcher(local, x, _routing(idss[r], w, E))
+        rows, handle = dispatcher.dispatch(x, make_routing(idss[r], w, E))
+        y = dispatcher.combine(local(rows), handle)
         (y * cs[r]).sum().backward()
         for p in (x, w):
             assert p.grad is not None and p.grad.shape == p.shape
         if len(x):
-            _close(y, full(xs[r], _routing(idss[r], ws[r], E))[0].detach(), f"{case}: output")
+            _close(y, run_experts(full, xs[r], make_routing(idss[r], ws[r], E)).detach(), f"{case}: output")
             _close(x.grad, xs[r].grad, f"{case}: input gradient")
             _close(w.grad, ws[r].grad, f"{case}: gate gradient")
         for name, p in local.named_parameters():
             _close(p.grad, getattr(full, name).grad[r * 2:(r + 1) * 2], f"{case}: gradient of {name}")
-        assert int(dropped) == 0
 
 
 CHECKS = {

@@ -1,27 +1,35 @@
-"""Rectify-Router on hand-worked slot tables (moe/rectify.py documents the rules)."""
+"""Rectify-Router on hand-worked slot tables (moe/rectify.py documents the rules), and through the capacity
+step and the padded experts."""
 import pytest
 import torch
 
-from moe.config import MoEConfig
+from moe.config import CapacityConfig
 from moe.experts import backend_class
 from moe.rectify import rectify
-from moe.routing import Routing
+from moe_helpers import make_routing, run_experts
 
 D, F = 8, 12
 
 
-def padded(E, k, **kw):
-    cfg = MoEConfig(num_experts=E, top_k=k, backend="padded", min_capacity=1, capacity_factor=1.0, **kw)
-    cfg.validate()
-    torch.manual_seed(0)
-    return backend_class("padded")(cfg, E, D, F, "gelu", 0.3, 0.3).double()
+class Padded:
+    """The capacity step with Rectify-Router and the padded experts, as the MoE layer runs them."""
+
+    def __init__(self, E, renormalize=False, **kw):
+        self.cfg = CapacityConfig(min=1, factor=1.0, **kw)
+        self.renormalize = renormalize
+        torch.manual_seed(0)
+        self.experts = backend_class("padded")(E, D, F, "gelu", 0.3, 0.3).double()
+        self.expert_mlp, self.w1 = self.experts.expert_mlp, self.experts.w1
+
+    def __call__(self, x, routing):
+        return run_experts(self.experts, x, routing, self.cfg, self.renormalize)
 
 
 def routing_from_logits(logits, k):
-    logits = torch.tensor(logits, dtype=torch.float64)
+    logits = torch.tensor(logits, dtype=torch.float64) if not torch.is_tensor(logits) else logits
     probs = logits.softmax(-1)
     w, ids = probs.topk(k, -1)
-    return Routing(ids, w, probs, probs.new_zeros(()), probs.new_zeros(()), logits.shape[1], {}, logits)
+    return make_routing(ids, w, logits.shape[1], probs, logits)
 
 
 # T=4, E=3, k=1, cf=1: C = ceil(4/3) = 2. Top-1: t0, t1, t2 -> e0 (t2 dropped by position), t3 -> e1.
@@ -36,17 +44,14 @@ def test_slot_table_hand_worked():
     r = routing_from_logits(LOGITS, 1)
     keep = torch.tensor([[True], [True], [False], [True]])
     out = rectify(r.logits, r.expert_ids, keep, torch.tensor([2, 1, 0]), 2, "position", True, True)
-    C = 2
-    assert out.dest[:, 0].tolist() == [3 * C, 3 * C, 1 * C + 1, 3 * C]  # IR: only t2, at e1 slot 1
-    assert out.weight[:, 0].tolist() == [0, 0, 1, 0]
-    assert out.dest[:, 1].tolist() == [3 * C, 2 * C + 0, 3 * C, 2 * C + 1]  # FR: t1, t3 into e2
-    assert out.weight[:, 1].tolist() == [0, 1, 0, 1]
-    assert out.expert[2, 0] == 1 and out.expert[1, 1] == 2 and out.expert[3, 1] == 2
+    assert out.weight[:, 0].tolist() == [0, 0, 1, 0] and out.expert[2, 0] == 1  # IR: only t2, into e1
+    assert out.weight[:, 1].tolist() == [0, 1, 0, 1]  # FR: t1 and t3, into e2
+    assert out.expert[1, 1] == 2 and out.expert[3, 1] == 2
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_padded_output_with_ir_and_fr(renormalize):
-    e = padded(3, 1, rectify_intra=True, rectify_fill=True, renormalize=renormalize)
+    e = Padded(3, rectify_intra=True, rectify_fill=True, renormalize=renormalize)
     r = routing_from_logits(LOGITS, 1)
     x = torch.randn(4, D, dtype=torch.float64)
     y, dropped = e(x, r)
@@ -63,14 +68,14 @@ def test_padded_output_with_ir_and_fr(renormalize):
 def test_fill_only_and_intra_only():
     r = routing_from_logits(LOGITS, 1)
     x = torch.randn(4, D, dtype=torch.float64)
-    e = padded(3, 1, rectify_fill=True)
+    e = Padded(3, rectify_fill=True)
     y, dropped = e(x, r)
     assert dropped.item() == 1  # t2's top-1 stays dropped without IR...
     # ...but FR gives it its 2nd choice: e1 has one free slot, candidates t0 (score 2) and t2 (2.5) -> t2
     p = r.probs
     torch.testing.assert_close(y[2:3], p[2, 1] * e.expert_mlp(x[2:3], 1))
     torch.testing.assert_close(y[0:1], p[0, 0] * e.expert_mlp(x[0:1], 0))
-    e = padded(3, 1, rectify_intra=True)
+    e = Padded(3, rectify_intra=True)
     y, dropped = e(x, r)
     assert dropped.item() == 0
     torch.testing.assert_close(y[1:2], p[1, 0] * e.expert_mlp(x[1:2], 0))  # no fill-in
@@ -86,7 +91,7 @@ def test_ir_one_round_priority():
     assert pos.weight[:, 0].tolist() == [0, 0, 1, 0]  # token order: t2 wins, t3 stays dropped
     prob = rectify(logits, ids, keep, fill, 2, "probability", True, False)
     assert prob.weight[:, 0].tolist() == [0, 0, 0, 1]  # higher score: t3 wins
-    assert pos.dest[2, 0] == prob.dest[3, 0] == 1 * 2 + 1
+    assert pos.expert[2, 0] == prob.expert[3, 0] == 1
 
 
 def test_k2_multiplicity_and_k_equals_e():
@@ -94,19 +99,17 @@ def test_k2_multiplicity_and_k_equals_e():
     logits = torch.tensor([[4.0, 3.0, 1.0]], dtype=torch.float64)
     ids = torch.tensor([[0, 1]])
     out = rectify(logits, ids, torch.tensor([[False, False]]), torch.tensor([1, 1, 0]), 1, "position", True, True)
-    assert out.weight.tolist() == [[2.0, 0.0]] and out.dest[0, 0] == 2  # e2, slot 0; FR skips (same expert)
+    assert out.weight.tolist() == [[2.0, 0.0]] and out.expert[0, 0] == 2  # e2; FR skips (same expert)
     # k = E: no expert outside the top-k, nothing to do
     out = rectify(logits, torch.tensor([[0, 1, 2]]), torch.tensor([[True, False, True]]), torch.tensor([1, 1, 0]),
                   1, "position", True, True)
-    assert out.weight.sum() == 0 and torch.all(out.dest == 3)
+    assert out.weight.sum() == 0
 
 
 def test_rectify_gradients_reach_router_probs_and_experts():
-    e = padded(3, 1, rectify_intra=True, rectify_fill=True)
+    e = Padded(3, rectify_intra=True, rectify_fill=True)
     logits = torch.tensor(LOGITS, dtype=torch.float64, requires_grad=True)
-    probs = logits.softmax(-1)
-    w, ids = probs.topk(1, -1)
-    r = Routing(ids, w, probs, probs.new_zeros(()), probs.new_zeros(()), 3, {}, logits)
+    r = routing_from_logits(logits, 1)
     x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
     y, _ = e(x, r)
     y.sum().backward()

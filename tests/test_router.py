@@ -1,22 +1,26 @@
 """Router: top-k, renormalisation, jitter, load-balance loss (micro-batch and global), z-loss, expert bias,
-metrics and after_step, config validation."""
+the statistics it records, config validation."""
 import pytest
 import torch
 
-import moe.router as router_mod
-from moe.config import MoEConfig
+import moe.stats as stats_mod
+from errors import ConfigError
+from model.config import ModelConfig
+from model.gpt import GPT
+from moe.config import CapacityConfig, MoEConfig, RouterConfig
 from moe.layer import MoELayer
 from moe.router import TopKRouter, load_balance_loss, z_loss
-from train.errors import ConfigError
+from moe.stats import MoEStats
+from parallel.state import ParallelState
 
 D = 8
 
 
 def router(E=4, k=2, **kw):
-    cfg = MoEConfig(num_experts=E, top_k=k, **kw)
+    cfg = MoEConfig(num_experts=E, top_k=k, router=RouterConfig(**kw))
     cfg.validate()
     torch.manual_seed(0)
-    return TopKRouter(cfg, D, 0.5)
+    return TopKRouter(E, k, cfg.router, D, 0.5)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -27,7 +31,7 @@ def test_topk_weights_are_probabilities_in_fp32(k):
     assert out.probs.dtype == torch.float32 and out.expert_ids.shape == (6, k)
     torch.testing.assert_close(out.weights, out.probs.gather(1, out.expert_ids))
     assert torch.all(out.weights[:, :-1] >= out.weights[:, 1:])  # descending
-    assert out.stats["counts"].sum().item() == 6 * k
+    assert out.counts.sum().item() == 6 * k
 
 
 def test_renormalize():
@@ -63,24 +67,22 @@ def test_global_aux_scope_accumulates_over_micro_batches_and_group(monkeypatch):
         calls.append(group)
         return t.mul_(2)
 
-    monkeypatch.setattr(router_mod, "all_reduce_sum", fake_all_reduce)
-    cfg = MoEConfig(num_experts=4, top_k=1, aux_loss_scope="global")
+    monkeypatch.setattr(stats_mod, "all_reduce_sum", fake_all_reduce)
+    cfg = MoEConfig(num_experts=4, top_k=1, router=RouterConfig(aux_loss_scope="global"))
     torch.manual_seed(0)
-    layer = MoELayer(cfg, D, 16, "gelu", 0.5, 0.5)
-    layer.group = "dp-group"
+    layer = MoELayer(cfg, D, 16, "gelu", 0.5, 0.5, ParallelState(dp_group="dp-group"))
     x1, x2 = torch.randn(1, 6, D), torch.randn(1, 5, D)
     layer.eval()  # the routing of each micro-batch, without accumulating
     out1, out2 = layer.router(x1[0]), layer.router(x2[0])
     layer.train()
     _, aux1, _ = layer(x1)
     _, aux2, _ = layer(x2)
-    assert calls == ["dp-group", "dp-group"]
-    total = 2 * (out1.stats["counts"] + out2.stats["counts"])  # both micro-batches, both ranks
-    torch.testing.assert_close(aux1, load_balance_loss(out1.probs, 2 * out1.stats["counts"]))
+    assert calls == ["dp-group", "dp-group"]  # the layer's statistics got the group it was built with
+    total = 2 * (out1.counts + out2.counts)  # both micro-batches, both ranks
+    torch.testing.assert_close(aux1, load_balance_loss(out1.probs, 2 * out1.counts))
     torch.testing.assert_close(aux2, load_balance_loss(out2.probs, total))
-    layer.train()
-    layer.after_step()
-    assert layer.router.global_counts.sum() == 0 and layer.router.step_counts.sum() == 0
+    layer.stats.end_step()
+    assert layer.stats.global_counts.sum() == 0 and layer.stats.step_counts.sum() == 0
 
 
 def test_micro_batch_scope_uses_this_call_only():
@@ -89,22 +91,24 @@ def test_micro_batch_scope_uses_this_call_only():
     x = torch.randn(7, D)
     r(torch.randn(5, D))
     out = r(x)
-    torch.testing.assert_close(out.aux_loss, load_balance_loss(out.probs, out.stats["counts"]))
+    torch.testing.assert_close(out.aux_loss, load_balance_loss(out.probs, out.counts))
 
 
 def test_expert_bias_moves_load_and_leaves_weights_unbiased():
-    cfg = MoEConfig(num_experts=4, top_k=1, expert_bias_rate=0.01, aux_loss_weight=0.0)
+    """The GPT's end_step moves each router's bias against the step's loads recorded in the model's stats."""
+    cfg = MoEConfig(num_experts=4, top_k=1, router=RouterConfig(expert_bias_rate=0.01, aux_loss_weight=0.0))
     torch.manual_seed(0)
-    layer = MoELayer(cfg, D, 16, "gelu", 0.5, 0.5)
+    model = GPT(ModelConfig(num_layers=1, hidden_size=D, num_heads=2), cfg, 50, 64)
+    layer = model.moe_layers()[0]
     with torch.no_grad():
         layer.router.weight[3] += 0.2  # a skewed router: one expert takes most tokens
-    x = torch.randn(1, 64, D).abs()
+    x = torch.randn(64, D).abs()
     loads = []
     for _ in range(40):
-        out = layer.router(x[0])
+        out = layer.router(x, model.moe_stats, 0)
         torch.testing.assert_close(out.weights, out.probs.gather(1, out.expert_ids))  # unbiased weights
-        loads.append(out.stats["counts"].float())
-        layer.after_step()
+        loads.append(out.counts.float())
+        model.end_step(applied=True)
     busiest = loads[0].argmax()
     late = torch.stack(loads[-10:]).mean(0)
     assert late[busiest] < 0.6 * loads[0][busiest]  # the overloaded expert sheds load
@@ -114,7 +118,7 @@ def test_expert_bias_moves_load_and_leaves_weights_unbiased():
 
 
 def test_metrics_accumulate_over_calls_and_skip_eval():
-    cfg = MoEConfig(num_experts=4, top_k=2, expert_bias_rate=1e-3)
+    cfg = MoEConfig(num_experts=4, top_k=2, router=RouterConfig(expert_bias_rate=1e-3))
     layer = MoELayer(cfg, D, 16, "gelu", 0.5, 0.5)
     layer.router.expert_bias.copy_(torch.tensor([10.0, 5.0, 0, 0]))  # every token on experts 0 and 1
     layer(torch.randn(1, 6, D))  # counts [6, 6, 0, 0]
@@ -122,22 +126,22 @@ def test_metrics_accumulate_over_calls_and_skip_eval():
     layer(torch.randn(1, 2, D))  # expert 0 gets 2, experts 2/3 share 2
     layer.eval()
     layer(torch.randn(1, 9, D))  # not counted
-    m = layer.read_metrics()
-    assert m["tokens_max"].item() == pytest.approx((6 + 2) / 2)
-    assert m["tokens_mean"].item() == pytest.approx((3 + 1) / 2)
-    assert m["idle_frac"].item() >= 0.5 / 2
-    assert m["dropped_frac"].item() == 0 and m["aux_loss"].item() > 0
+    m = {k.split("/")[-1]: v for k, v in layer.stats.reduce_and_reset().items()}
+    assert m["tokens_max"] == pytest.approx((6 + 2) / 2)
+    assert m["tokens_mean"] == pytest.approx((3 + 1) / 2)
+    assert m["idle_frac"] >= 0.5 / 2
+    assert m["dropped_frac"] == 0 and m["aux_loss"] > 0
     assert set(m) >= {"tokens_max", "tokens_mean", "max_over_mean", "idle_frac", "dropped_frac", "aux_loss",
                       "z_loss"}
 
 
 @pytest.mark.parametrize("overrides,key", [
     ({"top_k": 5}, "moe.top_k"),
-    ({"aux_loss_scope": "batch"}, "moe.aux_loss_scope"),
-    ({"router_type": "sparsemixer", "top_k": 3}, "moe.top_k"),
-    ({"router_type": "sparsemixer"}, "moe.jitter_eps"),
-    ({"router_type": "sparsemixer", "jitter_eps": 0.1, "renormalize": True}, "moe.renormalize"),
-    ({"rectify_fill": True}, "moe.rectify_intra"),
+    ({"router": RouterConfig(aux_loss_scope="batch")}, "moe.router.aux_loss_scope"),
+    ({"router": RouterConfig(type="sparsemixer"), "top_k": 3}, "moe.top_k"),
+    ({"router": RouterConfig(type="sparsemixer")}, "moe.router.jitter_eps"),
+    ({"router": RouterConfig(type="sparsemixer", jitter_eps=0.1, renormalize=True)}, "moe.router.renormalize"),
+    ({"capacity": CapacityConfig(rectify_fill=True)}, "moe.capacity.rectify_intra"),
     ({"backend": "nope"}, "moe.backend"),
 ])
 def test_config_errors_name_the_key(overrides, key):
@@ -145,3 +149,17 @@ def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         cfg.validate()
     assert err.value.key == key
+
+
+def test_stats_is_one_object_per_model():
+    """Every MoE layer of a GPT records into the model's one MoEStats, at its own row."""
+    cfg = MoEConfig(num_experts=4, top_k=1)
+    model = GPT(ModelConfig(num_layers=3, hidden_size=D, num_heads=2), cfg, 50, 8)
+    layers = model.moe_layers()
+    assert all(layer.stats is model.moe_stats for layer in layers) and [m.index for m in layers] == [0, 1, 2]
+    assert isinstance(model.moe_stats, MoEStats) and model.moe_stats.num_layers == 3
+    tokens = torch.randint(0, 50, (2, 8))
+    model(tokens, tokens)
+    read = model.moe_stats.reduce_and_reset()
+    assert {f"moe/{i}/tokens_mean" for i in range(3)} <= set(read)
+    assert all(read[f"moe/{i}/tokens_mean"] == 16 / 4 for i in range(3))

@@ -1,9 +1,9 @@
-"""SparseMixer v1/v2: the worked example of notes/algorithms.md §4.3-4.4, sampling statistics, a Monte-Carlo
+"""SparseMixer v1/v2: the worked example of docs/algorithms.md §4.3-4.4, sampling statistics, a Monte-Carlo
 check of the v1 gradient against the exact gradient of the expected output, and the layer wiring."""
 import pytest
 import torch
 
-from moe.config import MoEConfig
+from moe.config import CapacityConfig, MoEConfig, RouterConfig
 from moe.layer import MoELayer
 from moe.sparsemixer import V1, V2, jitter_mask, scaled_gate, sparsemixer_route
 
@@ -93,8 +93,8 @@ def test_v2_training_samples_two_distinct_experts():
 
 @pytest.mark.parametrize("k,backend", [(1, "reference"), (1, "grouped"), (2, "padded")])
 def test_layer_with_sparsemixer(k, backend):
-    cfg = MoEConfig(num_experts=4, top_k=k, router_type="sparsemixer", jitter_eps=0.2, backend=backend,
-                    capacity_factor=0.0)
+    cfg = MoEConfig(num_experts=4, top_k=k, router=RouterConfig(type="sparsemixer", jitter_eps=0.2), backend=backend,
+                    capacity=CapacityConfig(factor=0.0))
     cfg.validate()
     torch.manual_seed(0)
     layer = MoELayer(cfg, 8, 16, "swiglu", 0.3, 0.3)

@@ -1,90 +1,47 @@
-"""Checkpoints that never lose a run: torch.distributed.checkpoint (DCP) shards in atomically renamed folders,
-verified against a manifest before anything is loaded.
+"""Checkpoints that never lose a run: the training state (train/checkpoint_state.py: DCP shards, optimizer
+states, RNG) in atomically committed folders (train/checkpoint_storage.py: manifest, `latest`, pruning),
+verified against the manifest before anything is loaded.
 
-Layout under <run_dir>/checkpoints/:
+    step-N/meta.json   step, consumed_samples, lr of the next step, skipped_in_row, world layout, the resolved config
 
-    latest                "step-12": the newest complete checkpoint; replaced atomically, after everything else
-    step-12/              one complete checkpoint; a save is written to step-12.tmp/ and renamed when complete
-      .metadata           DCP metadata
-      __<r>_0.distcp      DCP data, tensors only: "model.<name>" (parameters and persistent buffers) and
-                          "optim.<param name>.<state>" (exp_avg, exp_avg_sq, step), keyed by full parameter names
-      meta.json           step, consumed_samples, lr of the next step, skipped_in_row, world layout, the resolved config
-      rng-<rank>.json     that rank's python, numpy, torch CPU and CUDA generator states
-      manifest.json       size and sha256 of every other file; written last, checked before anything is read
-
-Nothing is unpickled except DCP's own files, and only after their checksums match the manifest: metadata and
-RNG states are JSON, and the DCP state holds only tensors.
-
-Resharding: every tensor is saved under its one-process name and shape, whatever the layout. Which tensors
-are split over ranks comes from the tags the parallel layers put on parameters (parallel/tensor.py:
-`tensor_model_parallel`, `partition_dim`, `partition_stride`; parallel/expert.py: `expert_parallel`, split
-along dim 0 over the expert group), or from a model hook that overrides them:
-
-    def checkpoint_shards(self) -> dict[str, ShardSpec]
-
-mapping a parameter or persistent-buffer name to how this rank's tensor is a slice of the full one: an even
-split along `dim` over the ranks of process group `group`, in group-rank order; with `chunks` > 1 the tensor is
-that many blocks stacked along `dim`, each split separately (a fused q|k|v whose rank keeps its heads of each).
-Split tensors and their optimizer states are saved as DTensors of the full shape, so each rank writes its
-slice at its offset and any other layout, one process included, reads the slices it needs; chunked ones, whose
-slices are not contiguous in the full tensor, are gathered to the full tensor on save and sliced on load.
-Untagged tensors are full copies (replicated; DCP writes one).
+Every rank calls every method of `Checkpointer` (they are collective): the main rank writes the shared files
+and the folders, all ranks write their DCP shards and RNG states, and each outcome is agreed by an all-reduce,
+so a failure on any rank raises CheckpointError on every rank, leaving earlier checkpoints and `latest` intact.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import random
-import re
-import shutil
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from parallel.comm import all_reduce_sum, is_distributed
+from parallel.shards import shard_specs
 from parallel.state import ParallelState
+from train.checkpoint_state import (
+    dcp_quiet,
+    load_optim,
+    model_tensors,
+    optim_templates,
+    optim_tensors,
+    owner,
+    rng_state,
+    saved_views,
+    set_rng_state,
+)
+from train.checkpoint_storage import META, CheckpointError, CheckpointFolders, manifest_problem, write_json
 from train.config import CheckpointConfig
 
-STEP_DIR = re.compile(r"step-(\d+)")
-MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the file and the fix."""
-
-
-@dataclass
-class ShardSpec:
-    dim: int  # the tensor is split evenly along this dimension
-    group: object = None  # over the ranks of this process group; None or one rank: not split
-    chunks: int = 1  # stacked blocks along dim, each split separately (fused q|k|v)
-
-    def size(self) -> int:
-        return 1 if self.group is None else torch.distributed.get_world_size(self.group)
-
-    def full_shape(self, local_shape) -> tuple[int, ...]:
-        shape = list(local_shape)
-        shape[self.dim] *= self.size()
-        return tuple(shape)
-
-    def local_slice(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the full tensor."""
-        rank = torch.distributed.get_rank(self.group)
-        blocks = full.unflatten(self.dim, (self.chunks, -1))
-        return blocks.chunk(self.size(), self.dim + 1)[rank].flatten(self.dim, self.dim + 1)
+__all__ = ["CheckpointError", "Checkpointer"]
 
 
 class Checkpointer:
-    """Saves and loads the training state of one run. Every rank calls every method (they are collective)."""
+    """Saves and loads the training state of one run."""
 
     def __init__(self, root: str | Path, cfg: CheckpointConfig, ps: ParallelState, config: dict):
+        self.folders = CheckpointFolders(root, cfg.keep)
         self.root, self.cfg, self.ps, self.config = Path(root), cfg, ps, config
         self._pending = None  # (future, step) of an async save not yet committed
         self._verified: set[Path] = set()
@@ -92,6 +49,10 @@ class Checkpointer:
         # interleave with the training's collectives on the default one
         self._async_group = (torch.distributed.new_group(backend="gloo")
                              if cfg.async_save and cfg.save and is_distributed() else None)
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether step `step` (the run's last when `last`) is saved: every checkpoint.interval steps and at the end."""
+        return self.cfg.save and (last or bool(self.cfg.interval and step % self.cfg.interval == 0))
 
     # ------------------------------------------------------------------------------------------ saving
 
@@ -101,32 +62,29 @@ class Checkpointer:
         self.wait()
         if not self.cfg.save:
             return
-        tmp = self.root / f"step-{step}.tmp"
+        tmp = self.folders.tmp(step)
         error = None
         try:
             if self.ps.is_main:
-                self.root.mkdir(parents=True, exist_ok=True)
-                for stale in self.root.glob("step-*.tmp"):  # left by a crash
-                    shutil.rmtree(stale)
-                tmp.mkdir()
+                self.folders.prepare(step)
             self._agree_failed(False)  # barrier: the folder is clean before anyone writes
-            state = _saved_views({**_model_tensors(model), **_optim_tensors(model, optimizer)}, model,
-                                 _shards(model, self.ps), self.ps.device, gather=True)
+            state = saved_views({**model_tensors(model), **optim_tensors(model, optimizer)}, model,
+                                shard_specs(model, self.ps), self.ps.device, gather=True)
             writer = dcp.FileSystemWriter(tmp)
-            with _dcp_quiet():
+            with dcp_quiet():
                 if self.cfg.async_save:
                     future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group,
                                             no_dist=not is_distributed())
                 else:
                     dcp.save(state, storage_writer=writer, no_dist=not is_distributed())
-            _write_json(tmp / f"rng-{self.ps.rank}.json", rng_state())
+            write_json(tmp / f"rng-{self.ps.rank}.json", rng_state())
             if self.ps.is_main:
                 layout = {"world_size": self.ps.world_size, **self.config.get("parallel", {})}
-                _write_json(tmp / META, {**meta, "step": step, "layout": layout, "config": self.config})
+                write_json(tmp / META, {**meta, "step": step, "layout": layout, "config": self.config})
         except (Exception, CheckpointException) as e:  # re-raised below as CheckpointError on every rank
             error = e
         if self._agree_failed(error is not None):
-            self._fail(step, tmp, error)
+            self._fail(step, error)
         if self.cfg.async_save:
             self._pending = (future, step)
         else:
@@ -144,48 +102,25 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:
             error = e
         if self._agree_failed(error is not None):
-            self._fail(step, self.root / f"step-{step}.tmp", error)
+            self._fail(step, error)
         self._commit(step)
 
     def _commit(self, step: int) -> None:
-        tmp, final = self.root / f"step-{step}.tmp", self.root / f"step-{step}"
         error = None
         if self.ps.is_main:
             try:
-                files = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-                _write_json(tmp / MANIFEST, {"step": step, "files": files})
-                _fsync_dir(tmp)
-                if final.exists():  # re-saving a step (after resuming from an older one): swap it out
-                    old = self.root / f"step-{step}.old"
-                    os.replace(final, old)
-                    try:
-                        os.replace(tmp, final)
-                    except OSError:
-                        os.replace(old, final)
-                        raise
-                    shutil.rmtree(old)
-                else:
-                    os.replace(tmp, final)
-                _fsync_dir(self.root)
-                _write_atomic(self.root / LATEST, final.name + "\n")
-                self._prune(final)
-                print(f"checkpoint: saved {final}", flush=True)
+                print(f"checkpoint: saved {self.folders.commit(step)}", flush=True)
             except (Exception, CheckpointException) as e:
                 error = e
         if self._agree_failed(error is not None):
-            self._fail(step, tmp, error)
+            self._fail(step, error)
 
-    def _prune(self, current: Path) -> None:
-        """Keep `current` and the newest keep - 1 others."""
-        others = [path for _, path in self.checkpoints() if path != current]
-        for path in others[self.cfg.keep - 1:]:
-            shutil.rmtree(path)
-
-    def _fail(self, step: int, tmp: Path, error: BaseException | None):
+    def _fail(self, step: int, error: BaseException | None):
+        tmp = self.folders.tmp(step)
         if self.ps.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.folders.discard(step)
         where = f"{tmp}: {_describe(error)}" if error is not None else f"{tmp} on another rank"
-        previous = self.checkpoints()
+        previous = self.folders.checkpoints()
         kept = f"the previous checkpoint {previous[0][1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"saving the checkpoint of step {step} failed writing {where}; {kept}. Free disk "
                               f"space or make {self.root} writable, then resume with checkpoint.resume=auto") from error
@@ -197,13 +132,6 @@ class Checkpointer:
         return all_reduce_sum(torch.tensor([float(failed)], device=self.ps.device)).item() > 0
 
     # ------------------------------------------------------------------------------------------ finding
-
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, folder) of the complete-looking step-N folders, newest first."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.fullmatch(p.name))]
-        return sorted(found, reverse=True)
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint to resume from: None for a fresh run (resume="", or auto with no checkpoint at all).
@@ -217,15 +145,15 @@ class Checkpointer:
                                       f"such as {self.root / 'step-100'}, or checkpoint.resume=auto")
             self.verify(path)
             return path
-        candidates = [path for _, path in self.checkpoints()]
-        latest = self._latest()
+        candidates = [path for _, path in self.folders.checkpoints()]
+        latest = self.folders.latest()
         if latest in candidates:  # normally the newest; older when a save crashed before updating it
             candidates.remove(latest)
             candidates.insert(0, latest)
         elif latest is not None:
-            self._say(f"checkpoint.resume=auto: {self.root / LATEST} names {latest.name}, which does not exist")
+            self._say(f"checkpoint.resume=auto: {self.root / 'latest'} names {latest.name}, which does not exist")
         if not candidates:
-            partial = sorted(p.name for p in self.root.glob("step-*.tmp")) if self.root.is_dir() else []
+            partial = self.folders.unfinished()
             note = f" (ignoring unfinished saves: {', '.join(partial)})" if partial else ""
             self._say(f"checkpoint.resume=auto: no checkpoint in {self.root}{note}; starting from scratch")
             return None
@@ -258,10 +186,6 @@ class Checkpointer:
         self._verified.add(path)
         return None
 
-    def _latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        return self.root / pointer.read_text().strip() if pointer.is_file() else None
-
     def _say(self, text: str) -> None:
         if self.ps.is_main:
             print(text, flush=True)
@@ -274,23 +198,23 @@ class Checkpointer:
         self.verify(path)
         meta = json.loads((path / META).read_text())
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        shards = _shards(model, self.ps)
-        tensors = {**_model_tensors(model), **_optim_templates(model, optimizer, stored, shards)}
-        views = _saved_views(tensors, model, shards, self.ps.device, gather=False)
+        shards = shard_specs(model, self.ps)
+        tensors = {**model_tensors(model), **optim_templates(model, optimizer, stored, shards)}
+        views = saved_views(tensors, model, shards, self.ps.device, gather=False)
         self._check_shapes(path, meta, views, stored)
         try:
-            with _dcp_quiet():
+            with dcp_quiet():
                 dcp.load(views, storage_reader=dcp.FileSystemReader(path), no_dist=not is_distributed())
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"reading checkpoint {path} failed: {_describe(e)}") from e
         for key, view in views.items():  # full tensors of chunked slices; DTensor.from_local may have copied
-            spec = shards.get(_owner(key))
+            spec = shards.get(owner(key))
             local = (view.to_local() if hasattr(view, "to_local") else
                      spec.local_slice(view) if spec is not None and view.shape != tensors[key].shape else view)
             if local.data_ptr() != tensors[key].data_ptr():
                 tensors[key].copy_(local)
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        _load_optim(model, optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")})
+        load_optim(model, optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")})
         rng_file = path / f"rng-{self.ps.rank}.json"
         if meta["layout"]["world_size"] == self.ps.world_size and rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))
@@ -317,175 +241,6 @@ class Checkpointer:
                                   f"Use the model and moe sections saved in {path / META}")
 
 
-# ---------------------------------------------------------------------------------------------- state dicts
-
-@contextlib.contextmanager
-def _dcp_quiet():
-    """DCP warns that it runs in one process even when told so (no_dist=True)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"model.{k}": v for k, v in model.state_dict().items()}
-
-
-def _param_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
-    """(name, parameter) in the optimizer's numbering (the order of its param_groups)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
-
-
-def _optim_tensors(model, optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in _param_order(model, optimizer):
-        for k, v in optimizer.state.get(p, {}).items():
-            if not isinstance(v, torch.Tensor):
-                raise CheckpointError(f"optimizer state {name}.{k} is a {type(v).__name__}; only tensors are saved")
-            out[f"optim.{name}.{k}"] = v
-    return out
-
-
-def _optim_templates(model, optimizer, stored: dict, shards: dict[str, ShardSpec]) -> dict[str, torch.Tensor]:
-    """Empty tensors for the optimizer states the checkpoint holds: parameter-shaped ones take the local
-    parameter's shape and device (resharded on load), the rest (step counters) the stored shape."""
-    by_param = {}
-    for key, md in stored.items():
-        if key.startswith("optim."):
-            by_param.setdefault(_owner(key), []).append((key, md))
-    out = {}
-    for name, p in _param_order(model, optimizer):
-        spec = shards.get(name)
-        saved = spec.full_shape(p.shape) if spec is not None else tuple(p.shape)
-        for key, md in by_param.get(name, []):
-            out[key] = (torch.empty_like(p, dtype=md.properties.dtype) if tuple(md.size) == saved
-                        else torch.empty(md.size, dtype=md.properties.dtype))
-    return out
-
-
-def _load_optim(model, optimizer, state: dict[str, torch.Tensor]) -> None:
-    """Load optim.<name>.<state> entries; hyperparameters stay the current config's."""
-    by_param = {}
-    for key, v in state.items():
-        by_param.setdefault(_owner(key), {})[key.rsplit(".", 1)[1]] = v
-    per_param = {i: by_param[name] for i, (name, _) in enumerate(_param_order(model, optimizer)) if name in by_param}
-    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def _shards(model: torch.nn.Module, ps: ParallelState) -> dict[str, ShardSpec]:
-    """The tensors split over more than one rank: the model's checkpoint_shards() or the parallel layers' tags."""
-    hook = getattr(model, "checkpoint_shards", None)
-    if hook is not None:
-        specs = hook()
-    else:
-        specs = {name: spec for name, p in model.named_parameters() if (spec := _tagged(p, ps)) is not None}
-    return {name: spec for name, spec in specs.items() if spec.size() > 1}
-
-
-def _tagged(p: torch.Tensor, ps: ParallelState) -> ShardSpec | None:
-    if getattr(p, "expert_parallel", False):
-        return ShardSpec(0, ps.ep_group)
-    if getattr(p, "tensor_model_parallel", False):
-        return ShardSpec(p.partition_dim, ps.tp_group, p.partition_stride)
-    return None
-
-
-def _owner(key: str) -> str:
-    """The parameter or buffer name of a state entry: model.<name> or optim.<name>.<state>."""
-    return key[len("model."):] if key.startswith("model.") else key[len("optim."):].rsplit(".", 1)[0]
-
-
-def _saved_views(state: dict[str, torch.Tensor], model, shards: dict[str, ShardSpec], device: torch.device,
-                 gather: bool) -> dict:
-    """The entries as DCP sees them, all in one-process shapes: a split tensor (model.<name>, or optim.<name>.<state>
-    of the parameter's shape) becomes a DTensor of the full shape over this rank's slice; a chunked one becomes
-    the gathered full tensor (`gather`, to save) or an empty full tensor (to load into, then slice)."""
-    if not shards:
-        return state
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Shard
-    meshes, out = {}, {}
-    for key, t in state.items():
-        name = _owner(key)
-        spec = shards.get(name)
-        if spec is not None and (key.startswith("model.") or t.shape == model.get_parameter(name).shape):
-            if id(spec.group) not in meshes:
-                meshes[id(spec.group)] = DeviceMesh.from_group(spec.group, device.type)
-            mesh = meshes[id(spec.group)]
-            full = spec.full_shape(t.shape)
-            if spec.chunks == 1:
-                t = DTensor.from_local(t, mesh, [Shard(spec.dim)], run_check=False, shape=torch.Size(full),
-                                       stride=_contiguous_stride(full))
-            elif gather:
-                blocks = DTensor.from_local(t.unflatten(spec.dim, (spec.chunks, -1)), mesh, [Shard(spec.dim + 1)],
-                                            run_check=False)
-                t = blocks.full_tensor().flatten(spec.dim, spec.dim + 1)
-            else:
-                t = t.new_empty(full)
-        out[key] = t
-    return out
-
-
-def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= n
-    return tuple(reversed(stride))
-
-
-# ---------------------------------------------------------------------------------------------- RNG
-
-def rng_state() -> dict:
-    """This process's generator states as JSON-able values."""
-    version, words, gauss = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
-    cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
-    return {"python": [version, list(words), gauss], "numpy": np_state,
-            "torch": torch.get_rng_state().tolist(), "cuda": cuda}
-
-
-def set_rng_state(state: dict) -> None:
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    np_state = state["numpy"]
-    np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(np_state)
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-def manifest_problem(path: Path) -> str | None:
-    """What is wrong with checkpoint folder `path` (missing, truncated or altered files), or None."""
-    manifest = path / MANIFEST
-    if not path.is_dir():
-        return f"{path} does not exist"
-    if not manifest.is_file():
-        return f"{manifest} is missing (the save did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"{manifest} is unreadable ({e})"
-    for name, want in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{f} is missing"
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            return f"{f} has {size} bytes but the manifest says {want['bytes']} (truncated or overwritten)"
-        if _sha256(f) != want["sha256"]:
-            return f"{f} does not match its checksum in the manifest (corrupted)"
-    for required in (META, ".metadata"):
-        if required not in files:
-            return f"{path / required} is not in the manifest (not a complete checkpoint)"
-    return None
-
-
 def _describe(error: BaseException) -> str:
     """One line: DCP's CheckpointException (a BaseException) carries each failed rank's exception and traceback."""
     if isinstance(error, CheckpointException):
@@ -494,43 +249,10 @@ def _describe(error: BaseException) -> str:
 
 
 def _config_diff(saved: dict, current: dict, sections) -> str:
-    diffs = [f"{s}.{k}: {saved[s][k]!r} saved, {current[s].get(k)!r} now" for s in sections
-             for k in sorted(saved.get(s, {})) if s in current and saved[s][k] != current[s].get(k)]
+    """The first dotted keys of `sections` whose values differ, as 'key: saved, now'."""
+    def flat(tree, prefix=""):
+        for k, v in tree.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    old, new = (dict(flat({s: tree.get(s, {}) for s in sections})) for tree in (saved, current))
+    diffs = [f"{k}: {old[k]!r} saved, {new.get(k)!r} now" for k in old if old[k] != new.get(k)]
     return ", ".join(diffs[:6])
-
-
-def _file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    with path.open("w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,10 +18,10 @@ from pathlib import Path
 import yaml
 
 from data.config import DataConfig
+from errors import ConfigError
 from model.config import ModelConfig
 from moe.config import MoEConfig
 from parallel.config import ParallelConfig
-from train.errors import ConfigError
 
 
 @dataclass
@@ -45,6 +45,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     device: str = "auto"  # auto | cpu | cuda
     max_skipped: int = 5  # consecutive non-finite steps before the run stops
+
+    def accumulation(self, data_parallel: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank: global / (micro x data-parallel)."""
+        per_step = self.micro_batch_size * data_parallel
+        if self.global_batch_size % per_step:
+            raise ConfigError("train.global_batch_size", f"is {self.global_batch_size} but must be divisible by "
+                              f"train.micro_batch_size x data-parallel size = {self.micro_batch_size} x "
+                              f"{data_parallel}; set it to a multiple of {per_step}")
+        return self.global_batch_size // per_step
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches"):
@@ -132,14 +141,10 @@ class Config:
         if not self.model.vocab_size and self.data.vocab_divisible_by % p.tensor:
             raise ConfigError("data.vocab_divisible_by", f"is {self.data.vocab_divisible_by} but must be a multiple "
                               f"of parallel.tensor={p.tensor}, so the padded vocabulary splits evenly")
-        if p.expert > 1 and (self.moe.rectify_intra or self.moe.rectify_fill):
-            raise ConfigError("moe.rectify_intra", "needs the router logits next to the experts, which expert "
-                              "parallelism does not send; use parallel.expert=1 or turn Rectify-Router off")
-        dp = world_size // p.tensor  # batches are split over every rank of one tensor-parallel position
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError("train.global_batch_size", f"is {t.global_batch_size} but must be divisible by "
-                              f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; set it "
-                              f"to a multiple of {t.micro_batch_size * dp}")
+        if p.expert > 1 and self.moe.capacity.rectify:
+            raise ConfigError("moe.capacity.rectify_intra", "is not defined under expert parallelism yet (its "
+                              "slot table is one rank's); use parallel.expert=1 or turn Rectify-Router off")
+        t.accumulation(world_size // p.tensor)  # batches are split over every rank of one tensor-parallel position
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,9 +196,13 @@ def _check_type(key: str, value, tp):
 def _build(cls, values: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    renamed = getattr(cls, "RENAMED", {})  # keys of earlier versions -> their spelling now
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if key in renamed:
+            raise ConfigError(dotted, f"was renamed: write {prefix}{renamed[key]}={value!r} (or nest it under "
+                              f"{prefix}{renamed[key].split('.')[0]}: in the YAML)")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {sorted(names)}"

@@ -1,7 +1,11 @@
 """The training loop: gradient accumulation, clipping, AdamW, LR schedule, validation, metrics.
 
-One optimizer step consumes `train.global_batch_size` sequences: each of the `dp_size` data-parallel ranks
-takes its shard and runs it as `accumulation` micro-batches of `train.micro_batch_size`.
+One optimizer step consumes `train.global_batch_size` sequences: each of the data-parallel ranks takes its
+shard and runs it as `plan.accumulation` micro-batches of `train.micro_batch_size`.
+
+What the trainer asks of the model: `model(tokens, targets) -> (loss, {"lm_loss", "aux_loss", "z_loss"})`,
+`model.end_step(applied)` after every optimizer step, and `model.moe_stats.reduce_and_reset()` once per log
+interval (a collective; never on the skip path).
 """
 from __future__ import annotations
 
@@ -13,11 +17,12 @@ import torch
 
 from parallel.grads import GradSync
 from parallel.state import ParallelState
-from train.checkpoint import CheckpointError, Checkpointer
-from train.config import Config
-from train.flops import flops_per_sequence, peak_flops
+from train.checkpoint import Checkpointer, CheckpointError
+from train.config import TrainConfig
+from train.flops import peak_flops
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, lr_at
+from train.plan import RunPlan
 from train.signals import StopRequest
 
 
@@ -26,17 +31,17 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: torch.nn.Module, data, ps: ParallelState, logger: MetricsLogger,
-                 checkpointer: Checkpointer | None = None, stop: StopRequest | None = None):
-        self.cfg, self.model, self.data, self.ps, self.logger = cfg, model, data, ps, logger
-        self.checkpointer, self.stop = checkpointer, stop  # saving (None: never) and preemption (None: ignored)
-        t = cfg.train
-        self.accumulation = t.global_batch_size // (t.micro_batch_size * ps.dp_size)
-        self.optimizer = build_optimizer(model, t)
-        self.grad_sync = GradSync(model, ps, cfg.parallel.bucket_mb)  # dp / expert-dp reduction, global clip
+    def __init__(self, cfg: TrainConfig, plan: RunPlan, model: torch.nn.Module, data, ps: ParallelState,
+                 logger: MetricsLogger, grad_sync: GradSync, checkpointer: Checkpointer | None = None,
+                 stop: StopRequest | None = None):
+        """`grad_sync`: the dp / expert-dp gradient reduction and global clip; `checkpointer` None: never save;
+        `stop` None: preemption signals are ignored."""
+        self.cfg, self.plan, self.model, self.data, self.ps, self.logger = cfg, plan, model, data, ps, logger
+        self.grad_sync, self.checkpointer, self.stop = grad_sync, checkpointer, stop
+        self.accumulation = plan.accumulation
+        self.optimizer = build_optimizer(model, cfg)
         self.device = ps.device
-        self.autocast_dtype = torch.bfloat16 if resolve_dtype(t.dtype, self.device) == "bf16" else None
-        self.flops_per_seq = flops_per_sequence(cfg.model, cfg.moe, model.vocab_size, cfg.data.seq_length)
+        self.autocast_dtype = torch.bfloat16 if resolve_dtype(cfg.dtype, self.device) == "bf16" else None
         self.peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
         self.step = 0
         self.skipped_in_row = 0
@@ -54,7 +59,7 @@ class Trainer:
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         """One optimizer step over `accumulation` micro-batches. Returns device tensors (no host sync)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.cfg.train)
+            group["lr"] = lr_at(self.step, self.cfg)
         sums = {}
         for i in range(self.accumulation):
             loss, parts = self.forward(next(batches))
@@ -63,18 +68,16 @@ class Trainer:
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v / self.accumulation
         sums = self.grad_sync.average(sums)  # means over the data-parallel ranks: every rank skips alike
-        grad_norm = self.grad_sync.finish(self.cfg.train.clip_grad)  # wait for the reduction, clip (0: off)
+        grad_norm = self.grad_sync.finish(self.cfg.clip_grad)  # wait for the reduction, clip (0: off)
         sums["grad_norm"] = grad_norm
         applied = bool(torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm))  # the step's one host sync
         if applied:
             self.optimizer.step()
             self.skipped_in_row = 0
-        for m in self.model.modules():  # per-step state of the MoE layers (expert bias, global aux counts)
-            if hasattr(m, "after_step"):
-                m.after_step(applied)
         if not applied:
             self.skipped_in_row += 1
             self.report_skip(sums)
+        self.model.end_step(applied)  # per-step state of the MoE layers (expert bias, global aux counts)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return sums
@@ -83,36 +86,32 @@ class Trainer:
         """Print the skipped step and its suspects; stop the run with TrainingDiverged after train.max_skipped
         in a row."""
         vals = {k: float(v) for k, v in sums.items()}
-        suspects = self.skip_suspects(vals)  # on every rank: reading the MoE metrics is a collective
+        suspects = self.skip_suspects(vals)
         if self.ps.is_main:
             print(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.skipped_in_row} in a "
                   f"row): {vals}; suspects: {'; '.join(suspects) or 'none found'}", flush=True)
-        if self.skipped_in_row >= self.cfg.train.max_skipped:
+        if self.skipped_in_row >= self.cfg.max_skipped:
             raise TrainingDiverged(f"{self.skipped_in_row} non-finite steps in a row (train.max_skipped="
-                                   f"{self.cfg.train.max_skipped}) up to step {self.step + 1}; stopping without "
+                                   f"{self.cfg.max_skipped}) up to step {self.step + 1}; stopping without "
                                    "saving. Lower train.lr, or check the data, then resume from the last checkpoint.")
 
     def skip_suspects(self, vals: dict[str, float]) -> list[str]:
-        """The non-finite loss parts and grad norm, and each MoE layer's non-finite aux or z loss (read_metrics,
-        which also resets the layer's interval metrics)."""
-        out = [f"{k}={v}" for k, v in vals.items() if not math.isfinite(v)]
-        for name, m in self.model.named_modules():
-            if hasattr(m, "read_metrics"):
-                out += [f"{name} {k}={v.item()}" for k, v in m.read_metrics().items()
-                        if k in ("aux_loss", "z_loss") and not torch.isfinite(v)]
-        return out
+        """The non-finite loss parts and grad norm, and the MoE layers whose aux or z loss of this step is not
+        finite on this rank (local reads: no collective on the skip path)."""
+        return [f"{k}={v}" for k, v in vals.items() if not math.isfinite(v)] + self.model.moe_stats.nonfinite()
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        t = self.cfg.train
-        losses = [self.forward(b)[1]["lm"] for b in self.data.valid_batches(t.micro_batch_size, t.eval_batches)]
+        t = self.cfg
+        losses = [self.forward(b)[1]["lm_loss"] for b in self.data.valid_batches(t.micro_batch_size,
+                                                                                   t.eval_batches)]
         self.model.train()
         return self.grad_sync.average({"val": torch.stack(losses).mean()})["val"].item()  # over dp shards
 
     def run(self) -> list[dict]:
-        t = self.cfg.train
-        batches = self.data.train_batches(self.step * t.global_batch_size, t.micro_batch_size, t.global_batch_size)
+        t = self.cfg
+        batches = self.data.train_batches(self.step * t.global_batch_size, t.micro_batch_size, self.accumulation)
         self.model.train()
         history, window, tick = [], [], time.perf_counter()
         while self.step < t.steps:
@@ -134,8 +133,7 @@ class Trainer:
                     print(f"stopping at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
                           "resume with checkpoint.resume=auto", flush=True)
                 break
-            ckpt = self.cfg.checkpoint.interval
-            if self.step == t.steps or (ckpt and self.step % ckpt == 0):
+            if self.checkpointer is not None and self.checkpointer.due(self.step, last=self.step == t.steps):
                 self.save_checkpoint()
                 tick = time.perf_counter()
         if self.checkpointer is not None:
@@ -144,8 +142,8 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict:
         """What meta.json records besides the step: the data position and LR follow from it (kept to check)."""
-        return {"consumed_samples": self.step * self.cfg.train.global_batch_size,
-                "lr": lr_at(self.step, self.cfg.train), "skipped_in_row": self.skipped_in_row}
+        return {"consumed_samples": self.step * self.cfg.global_batch_size,
+                "lr": lr_at(self.step, self.cfg), "skipped_in_row": self.skipped_in_row}
 
     def save_checkpoint(self) -> None:
         if self.checkpointer is not None:
@@ -154,33 +152,30 @@ class Trainer:
     def load_checkpoint(self, path) -> None:
         """Restore model, optimizer, RNG and step from a step-N folder (see train/checkpoint.py)."""
         meta = self.checkpointer.load(path, self.model, self.optimizer)
-        gbs = self.cfg.train.global_batch_size
+        gbs = self.cfg.global_batch_size
         if meta["consumed_samples"] != meta["step"] * gbs:
             raise CheckpointError(f"checkpoint {path}: {meta['consumed_samples']} samples consumed in "
                                   f"{meta['step']} steps, but train.global_batch_size={gbs} would place step "
                                   f"{meta['step']} at sample {meta['step'] * gbs}; resume with the saved global "
                                   "batch size")
         self.step, self.skipped_in_row = meta["step"], meta["skipped_in_row"]
-        if self.ps.is_main and meta["lr"] != lr_at(self.step, self.cfg.train):
+        if self.ps.is_main and meta["lr"] != lr_at(self.step, self.cfg):
             print(f"checkpoint: the LR schedule changed (train.* differs from the saved run): step {self.step} "
-                  f"gets lr {lr_at(self.step, self.cfg.train):.3e}, the saved run would use {meta['lr']:.3e}",
+                  f"gets lr {lr_at(self.step, self.cfg):.3e}, the saved run would use {meta['lr']:.3e}",
                   flush=True)
 
     def record(self, window: list[dict], elapsed: float) -> dict:
-        t, n = self.cfg.train, len(window)
-        mean = {k: torch.stack([w[k] for w in window]).float().mean().item() for k in window[0]}
-        seqs_per_s = n * t.global_batch_size / elapsed
-        tflops = seqs_per_s * self.flops_per_seq / self.ps.world_size / 1e12
-        rec = {"step": self.step, "loss": mean["loss"], "lm_loss": mean["lm"], "aux_loss": mean["aux"],
-               "z_loss": mean["z"], "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": mean["grad_norm"],
-               "tokens_per_s": seqs_per_s * self.cfg.data.seq_length, "tflops": tflops,
+        n, plan = len(window), self.plan
+        mean = dict(zip(window[0], torch.stack([torch.stack([w[k] for w in window]).float().mean()
+                                                for k in window[0]]).tolist()))
+        seqs_per_s = n * plan.global_batch_size / elapsed
+        tflops = seqs_per_s * plan.flops_per_sequence / plan.world_size / 1e12
+        rec = {"step": self.step, **mean, "lr": self.optimizer.param_groups[0]["lr"],
+               "tokens_per_s": seqs_per_s * plan.seq_length, "tflops": tflops,
                "mfu": tflops * 1e12 / self.peak if self.peak else None,
                "mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
                "step_time_s": elapsed / n}
-        for i, layer in enumerate(self.model.moe_layers()):
-            for k, v in layer.read_metrics().items():
-                rec[f"moe/{i}/{k}"] = v.item()
-        return rec
+        return {**rec, **self.model.moe_stats.reduce_and_reset()}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

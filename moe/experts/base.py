@@ -1,23 +1,51 @@
-"""What every expert backend shares: the stacked parameters, their initialisation, the activation.
+"""The experts contract: rows grouped by expert in, their outputs in the same order out.
+
+    experts(rows: ExpertRows) -> y [M, d]
+
+`rows` describes M rows grouped by local expert (expert 0's rows first, then expert 1's, ...) without
+copying them: grouped position p holds row `order[p] // top_k` of `rows.x`. The token dispatcher
+(moe/dispatch.py) builds it from the local sort or from the rows an all-to-all received; kernels that read
+rows by index (scatter) use it as it is, the others gather once (`ExpertRows.gathered`). The output row p is
+the expert's MLP of row p, ungated: the dispatcher's combine applies the gates. Positions past the last group
+(assignments the capacity step dropped, sorted to the end) are never read back, whatever they hold.
 
 Every backend stores its experts the same way, so a checkpoint moves between backends unchanged:
     w1 [E, d, f]   first projection (the gate projection for SwiGLU)
     w3 [E, d, f]   SwiGLU only: the up projection
     w2 [E, f, d]   second projection
-`forward(x [T, d], routing) -> (y [T, d], num_dropped [])`, where routing.expert_ids index the experts
-this module holds (local experts under expert parallelism) and num_dropped counts the assignments the
-backend dropped by design (0 for dropless backends).
+Under expert parallelism a rank holds experts [first, first + E_local) of the E: the full tensors are drawn
+with the global seed and sliced, so every rank's experts equal the one-process initialisation.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import MoEConfig
-from moe.routing import Routing
+from moe.kernels.sort import Sorted
 
 ACTIVATIONS = ("gelu", "swiglu")
+
+
+class ExpertRows(NamedTuple):
+    x: torch.Tensor  # [N, d] the rows: tokens, or the rows an all-to-all received
+    sort: Sorted  # order [M] (slot at each grouped position), expert_of [M], counts / offsets [E_local]
+    top_k: int  # slots per row of x: grouped position p holds row sort.order[p] // top_k
+    capacity: int | None = None  # a static bound on every count (the padded backend pads to it); None: none
+
+    @property
+    def num_rows(self) -> int:
+        return self.sort.order.numel()
+
+    def tokens(self) -> torch.Tensor:
+        """[M] int64 row of x at each grouped position."""
+        return self.sort.order if self.top_k == 1 else self.sort.order // self.top_k
+
+    def gathered(self) -> torch.Tensor:
+        """[M, d] the rows in grouped order, copied."""
+        return self.x[self.tokens()]
 
 
 def activate(h1: torch.Tensor, h3: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -36,35 +64,44 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class Experts(nn.Module):
-    def __init__(self, cfg: MoEConfig, num_experts: int, hidden_size: int, ffn_hidden_size: int,
-                 activation: str, init_std: float, output_std: float):
+    """Subclasses implement `compute(rows) -> [M, d]` on rows they can assume non-empty."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
+                 init_std: float, output_std: float, local: range | None = None):
+        """`num_experts` is E, all experts of the layer; `local` the ones this module holds (default: all)."""
         super().__init__()
-        self.cfg = cfg  # backend options (capacity, drop policy, block size, ...)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r}: use one of {ACTIVATIONS}")
-        self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
-        self.activation = activation
-        self.init_std, self.output_std = init_std, output_std
+        self.local = local = local if local is not None else range(num_experts)
+        self.num_experts = len(local)  # the experts held here, E_local
+        self.hidden_size, self.ffn_hidden_size, self.activation = hidden_size, ffn_hidden_size, activation
         E, d, f = num_experts, hidden_size, ffn_hidden_size
-        self.w1 = nn.Parameter(torch.empty(E, d, f))
-        self.w3 = nn.Parameter(torch.empty(E, d, f)) if activation == "swiglu" else None
-        self.w2 = nn.Parameter(torch.empty(E, f, d))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.w1, std=self.init_std)
-        if self.w3 is not None:
-            nn.init.normal_(self.w3, std=self.init_std)
-        nn.init.normal_(self.w2, std=self.output_std)
+        self.w1 = _sliced_normal((E, d, f), init_std, local)
+        self.w3 = _sliced_normal((E, d, f), init_std, local) if activation == "swiglu" else None
+        self.w2 = _sliced_normal((E, f, d), output_std, local)
 
     def expert_mlp(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """One expert's MLP on its rows x [n, d] -> [n, d]."""
+        """One local expert's MLP on its rows x [n, d] -> [n, d]."""
         h3 = x @ self.w3[e] if self.w3 is not None else None
         return activate(x @ self.w1[e], h3, self.activation) @ self.w2[e]
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rows: ExpertRows) -> torch.Tensor:
+        if rows.num_rows == 0:
+            # no rows here (expert parallelism: this rank received none): an empty output that still depends on
+            # x and on every weight, so this rank runs the same backward collectives as the others and its
+            # weights get (zero) gradients
+            return rows.x[:0] * sum((p.sum() for p in self.parameters()), rows.x.new_zeros(()))
+        return self.compute(rows)
+
+    def compute(self, rows: ExpertRows) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, d={self.hidden_size}, f={self.ffn_hidden_size}, "
+        return (f"experts={self.local.start}..{self.local.stop - 1}, d={self.hidden_size}, f={self.ffn_hidden_size}, "
                 f"activation={self.activation}")
+
+
+def _sliced_normal(full_shape: tuple[int, ...], std: float, local: range) -> nn.Parameter:
+    """N(0, std) drawn for all E experts (the one-process RNG sequence), then the local ones kept."""
+    full = torch.empty(full_shape).normal_(std=std)
+    return nn.Parameter(full[local.start:local.stop].clone() if len(local) < full_shape[0] else full)

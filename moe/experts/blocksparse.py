@@ -1,14 +1,13 @@
 """MegaBlocks-style dropless experts: block-sparse products over a block-diagonal topology.
 
-    x [T, d] --pad gather--> X_pad [R·B, d] --SDD(W1), act--> A (blocks) --DSD(W2)--> Y_pad [R·B, d]
-      --gather, gates--> y [T, d]
+    rows (grouped by expert) --pad gather--> X_pad [R·B, d] --SDD(W1), act--> A (blocks) --DSD(W2)--> Y_pad
+      --un-pad gather--> y [M, d] grouped
 
-Assignments are sorted by expert and each expert's group padded to a multiple of the block size B
-(`cfg.block_size`); the padding is fused into the permutation: the token rows are copied straight to
-their padded positions, the other rows zero, in a buffer sized for the worst case R·B rows
-(R = `max_block_rows`, needing only shapes), so there is no host sync anywhere in the layer. The weights
-keep the stacked [E, d, f] / [E, f, d] layout; the kernels read them as the blocks of the concatenated
-W1cat / W2cat (moe/kernels/blocksparse.py). Nothing is dropped.
+Each expert's group of rows is padded to a multiple of the block size B (`moe.kernels.block_size`); the
+padding is fused into the gather: the rows are copied straight from x to their padded positions, the other
+rows zero, in a buffer sized for the worst case R·B rows (R = `max_block_rows`, needing only shapes), so there
+is no host sync anywhere. The weights keep the stacked [E, d, f] / [E, f, d] layout; the kernels read them as
+the blocks of the concatenated W1cat / W2cat (moe/kernels/blocksparse.py). Nothing is dropped.
 """
 from __future__ import annotations
 
@@ -16,16 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from moe.experts.base import Experts, activate, compute_dtype
+from moe.config import KernelConfig
+from moe.experts.base import ExpertRows, Experts, activate, compute_dtype
 from moe.kernels import blocksparse as bs
-from moe.kernels.topology import (Topology, expert_topology, max_block_rows, padded_destinations,
-                                  padded_sources)
-from moe.permute import sort_by_expert
-from moe.routing import Routing
+from moe.kernels.topology import Topology, expert_topology, max_block_rows, padded_destinations, padded_sources
 
 
 class _PadGather(Function):
-    """x [T, d] -> X_pad [rows, d]: row dest[t, j] holds x[t], padding rows are zero (one pass, no memset).
+    """x [N, d] -> X_pad [rows, d]: row dest[t, j] holds x[t], padding rows are zero (one pass, no memset).
     Backward: dx[t] = Σ_j dX_pad[dest[t, j]]."""
 
     @staticmethod
@@ -39,21 +36,19 @@ class _PadGather(Function):
         return bs.combine_rows(dx_pad, dest_TK), None, None
 
 
-class _Unpermute(Function):
-    """y[t] = Σ_j w[t, j] · Y_pad[dest[t, j]]: the un-permute with the gates fused (fp32 accumulation).
-    Backward: dY_pad[dest[t, j]] = w[t, j] · dy[t] with zero padding rows (algorithms.md §1.8), and the gate
-    gradient dw[t, j] = ⟨Y_pad[dest[t, j]], dy[t]⟩."""
+class _Unpad(Function):
+    """Y_pad [rows, d] -> y [M, d] grouped: y[p] = Y_pad[dest[p]]. Backward: dY_pad[dest[p]] = dy[p], padding rows
+    zero (docs/algorithms.md §1.8)."""
 
     @staticmethod
-    def forward(ctx, y_pad: torch.Tensor, dest_TK: torch.Tensor, src: torch.Tensor, weights: torch.Tensor):
-        ctx.save_for_backward(y_pad, dest_TK, src, weights)
-        return bs.combine_rows(y_pad, dest_TK, weights)
+    def forward(ctx, y_pad: torch.Tensor, dest_M1: torch.Tensor, src: torch.Tensor):
+        ctx.save_for_backward(src)
+        return bs.combine_rows(y_pad, dest_M1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        y_pad, dest_TK, src, weights = ctx.saved_tensors
-        dy_pad = bs.pad_rows(dy, src, dest_TK.shape[1], scale=weights.reshape(-1))
-        return dy_pad, None, None, bs.row_dots(y_pad, dest_TK, dy).to(weights.dtype)
+        (src,) = ctx.saved_tensors
+        return bs.pad_rows(dy, src, 1), None, None
 
 
 class _BlockSparseMLP(Function):
@@ -93,27 +88,26 @@ class _BlockSparseMLP(Function):
 
 
 class BlockSparseExperts(Experts):
-    def __init__(self, cfg, num_experts, hidden_size, ffn_hidden_size, activation, init_std, output_std):
-        if ffn_hidden_size % cfg.block_size:
+    def __init__(self, num_experts, hidden_size, ffn_hidden_size, activation, init_std, output_std, local=None,
+                 kernels: KernelConfig | None = None):
+        self.block_size = (kernels or KernelConfig()).block_size
+        if ffn_hidden_size % self.block_size:
             raise ValueError(f"blocksparse backend: ffn_hidden_size {ffn_hidden_size} is not a multiple of "
-                             f"moe.block_size {cfg.block_size}; pick a multiple or a smaller block size")
-        super().__init__(cfg, num_experts, hidden_size, ffn_hidden_size, activation, init_std, output_std)
+                             f"moe.kernels.block_size {self.block_size}; pick a multiple or a smaller block size")
+        super().__init__(num_experts, hidden_size, ffn_hidden_size, activation, init_std, output_std, local)
 
     @torch.compiler.disable  # the topology (a tuple of index tensors) rides through autograd: keep it eager
-    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        T, k = routing.expert_ids.shape
-        E, B = self.num_experts, self.cfg.block_size
-        num_dropped = x.new_zeros((), dtype=torch.int64)
-        if T == 0:
-            return x.new_zeros(x.shape), num_dropped
-        srt = sort_by_expert(routing.expert_ids, E)
-        R = max_block_rows(T * k, E, B)
+    def compute(self, rows: ExpertRows) -> torch.Tensor:
+        srt, k, B, E = rows.sort, rows.top_k, self.block_size, self.num_experts
+        M = rows.num_rows
+        R = max_block_rows(M, E, B)
         topo = expert_topology(srt.counts, self.ffn_hidden_size, B, R)
-        dest = padded_destinations(srt, B).view(T, k)  # padded row of each assignment
-        src = padded_sources(dest.reshape(-1), R * B)  # [R·B] assignment of each padded row, −1 for padding
-        dt = compute_dtype(x)
-        x_pad = _PadGather.apply(x.to(dt), dest, src)  # [R·B, d]
+        dest = padded_destinations(srt, B)  # [M] padded row of each grouped position
+        slot_dest = torch.empty_like(dest).scatter_(0, srt.order, dest)  # [N*k] padded row of each slot
+        N = rows.x.shape[0]
+        dt = compute_dtype(rows.x)
+        x_pad = _PadGather.apply(rows.x.to(dt), slot_dest.view(N, k), padded_sources(slot_dest, R * B))
         w1, w2 = self.w1.to(dt), self.w2.to(dt)
         w3 = self.w3.to(dt) if self.w3 is not None else None
         y_pad = _BlockSparseMLP.apply(x_pad, w1, w2, w3, topo, self.activation)  # [R·B, d]
-        return _Unpermute.apply(y_pad, dest, src, routing.weights), num_dropped
+        return _Unpad.apply(y_pad, dest.view(M, 1), padded_sources(dest, R * B))  # [M, d] grouped

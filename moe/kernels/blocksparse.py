@@ -1,4 +1,4 @@
-"""Triton block-sparse products for the dropless MoE (MegaBlocks §5.1, algorithms.md §1.6–1.7).
+"""Triton block-sparse products for the dropless MoE (MegaBlocks §5.1, docs/algorithms.md §1.6–1.7).
 
 S is a block-sparse [T_pad, E·f] matrix with the block-diagonal `Topology` (moe/kernels/topology.py),
 stored as data [nnz, B, B]. The expert weights keep the project layout and are read as the column (or row)
@@ -28,20 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.kernels.launch import INTERPRET, cdiv, next_pow2
+from moe.kernels.activations import gelu_grad, gelu_sigmoid
+from moe.kernels.launch import INTERPRET, autotune, cdiv, launch, launch_tuned, next_pow2
 from moe.kernels.topology import Topology
 
 ACT_NONE, ACT_GELU, ACT_GELU_GRAD = 0, 1, 2
 
 
-def _autotune(space: list[dict], key: list[str]):
-    """Autotune over `space` on a GPU; in the interpreter the kernel stays plain and `_fixed` gives its
-    one configuration."""
-    if INTERPRET:
-        return lambda kernel: kernel
-    configs = [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")},
-                             num_warps=c["warps"], num_stages=c["stages"]) for c in space]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})
+def _configs(space: list[dict]) -> list[triton.Config]:
+    return [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")}, num_warps=c["warps"],
+                          num_stages=c["stages"]) for c in space]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -57,9 +53,9 @@ def _prune(configs, named_args, **kwargs):
     return list(kept.values())
 
 
-def _fixed(block: int, **meta) -> dict:
-    """The interpreter's configuration (empty on a GPU, where the autotuner picks)."""
-    return {**meta, "BLOCK_K": min(32, block), "GROUP_M": 2} if INTERPRET else {}
+def _interpret(block: int, **meta) -> triton.Config:
+    """The interpreter's configuration for blocks of `block` rows."""
+    return triton.Config({**meta, "BLOCK_K": min(32, block), "GROUP_M": 2}, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -71,18 +67,13 @@ def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
 # NB blocks of one block row per program (a B x NB·B tile): NB=2 halves the reads of the dense operand.
 _SDD_SPACE = [dict(NB=2, BLOCK_K=64, GROUP_M=8, warps=8, stages=3),
               dict(NB=2, BLOCK_K=64, GROUP_M=8, warps=8, stages=4),
               dict(NB=1, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)]
 
 
-@_autotune(_SDD_SPACE, key=["K", "F", "stride_bn", "ACT"])
+@autotune(_configs(_SDD_SPACE), key=["K", "F", "stride_bn", "ACT"], prune=_prune)
 @triton.jit
 def _sdd_kernel(a_ptr, b_ptr, out_ptr, aux_ptr, row_idx_ptr, col_idx_ptr, num_rows_ptr,
                 K, F, stride_am, stride_ak, stride_be, stride_bk, stride_bn,
@@ -121,13 +112,11 @@ def _sdd_kernel(a_ptr, b_ptr, out_ptr, aux_ptr, row_idx_ptr, col_idx_ptr, num_ro
     offs_out = (blk.to(tl.int64) * BLOCK * BLOCK + (offs_n // BLOCK * BLOCK * BLOCK + offs_n % BLOCK)[None, :]
                 + offs_b[:, None] * BLOCK)
     if ACT == 1:  # GELU, tanh approximation; keep H for the backward pass
-        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        tl.store(aux_ptr + offs_out, (0.5 * acc * (1.0 + _tanh(inner))).to(aux_ptr.dtype.element_ty))
+        tl.store(aux_ptr + offs_out, (acc * gelu_sigmoid(acc)).to(aux_ptr.dtype.element_ty))
     if ACT == 2:  # dH = dA ⊙ GELU'(H)
         h = tl.load(aux_ptr + offs_out).to(tl.float32)
-        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-        grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * h * h)
-        acc = acc * grad
+        s = gelu_sigmoid(h)
+        acc = acc * gelu_grad(h, s, h * s)
     tl.store(out_ptr + offs_out, acc.to(out_ptr.dtype.element_ty))
 
 
@@ -138,7 +127,7 @@ _DENSE_SPACE = [dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=5),
                 dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=4, stages=6)]
 
 
-@_autotune(_DENSE_SPACE, key=["N", "F", "stride_bk", "BLOCK"])
+@autotune(_configs(_DENSE_SPACE), key=["N", "F", "stride_bk", "BLOCK"], prune=_prune)
 @triton.jit
 def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_off_ptr, col_idx_ptr, num_rows_ptr,
                 N, F, stride_be, stride_bk, stride_bn, stride_om, stride_on,
@@ -175,7 +164,7 @@ def _dsd_kernel(data_ptr, b_ptr, out_ptr, row_off_ptr, col_idx_ptr, num_rows_ptr
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
-@_autotune(_DENSE_SPACE, key=["N", "F", "stride_on", "BLOCK"])
+@autotune(_configs(_DENSE_SPACE), key=["N", "F", "stride_on", "BLOCK"], prune=_prune)
 @triton.jit
 def _dstd_kernel(data_ptr, d_ptr, out_ptr, off_t_ptr, blk_t_ptr, col_t_ptr,
                  N, F, num_cols, stride_dm, stride_dn, stride_oe, stride_or, stride_on,
@@ -230,11 +219,13 @@ def sdd(a: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = Fal
     if act == ACT_GELU and aux is None:
         aux = torch.empty_like(out)
     sbe, sbk, sbn = (w.stride(0), w.stride(2), w.stride(1)) if trans_w else w.stride()
+
     def grid(meta):
         return (_nnz(topo) // meta["NB"],)
-    _sdd_kernel[grid](a, w, out, out if aux is None else aux, topo.row_indices, topo.column_indices,
-                      topo.num_block_rows, K, F, a.stride(0), a.stride(1), sbe, sbk, sbn,
-                      BLOCK=B, ACT=act, **_fixed(B, NB=2 if F % 2 == 0 else 1))
+    launch_tuned(_sdd_kernel, grid, (K, F, sbn, act, a.dtype, w.dtype),
+                 (a, w, out, out if aux is None else aux, topo.row_indices, topo.column_indices, topo.num_block_rows),
+                 (K, F, a.stride(0), a.stride(1), sbe, sbk, sbn), dict(BLOCK=B, ACT=act),
+                 interpret=_interpret(B, NB=2 if F % 2 == 0 else 1))
     return (out, aux) if act == ACT_GELU else out
 
 
@@ -250,18 +241,22 @@ def dsd(data: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = 
 
     def grid(meta):
         return (topo.max_block_rows * cdiv(N, meta["BLOCK_N"]),)
-    _dsd_kernel[grid](data, w, out, topo.row_offsets, topo.column_indices, topo.num_block_rows,
-                      N, topo.blocks_per_row, sbe, sbk, sbn, out.stride(0), out.stride(1), BLOCK=B,
-                      **_fixed(B, BLOCK_N=32))
+    F = topo.blocks_per_row
+    launch_tuned(_dsd_kernel, grid, (N, F, sbk, B, data.dtype, w.dtype),
+                 (data, w, out, topo.row_offsets, topo.column_indices, topo.num_block_rows),
+                 (N, F, sbe, sbk, sbn, out.stride(0), out.stride(1)), dict(BLOCK=B),
+                 interpret=_interpret(B, BLOCK_N=32))
     return out
 
 
 def _dstd(data: torch.Tensor, d: torch.Tensor, topo: Topology, out: torch.Tensor, d_strides, out_strides, N):
     def grid(meta):
         return (topo.num_block_cols * cdiv(N, meta["BLOCK_N"]),)
-    _dstd_kernel[grid](data, d, out, topo.offsets_t, topo.block_offsets_t, topo.column_indices_t,
-                       N, topo.blocks_per_row, topo.num_block_cols, *d_strides, *out_strides,
-                       BLOCK=topo.block_size, **_fixed(topo.block_size, BLOCK_N=32))
+    B, F = topo.block_size, topo.blocks_per_row
+    launch_tuned(_dstd_kernel, grid, (N, F, out_strides[2], B, data.dtype, d.dtype),
+                 (data, d, out, topo.offsets_t, topo.block_offsets_t, topo.column_indices_t),
+                 (N, F, topo.num_block_cols, *d_strides, *out_strides), dict(BLOCK=B),
+                 interpret=_interpret(B, BLOCK_N=32))
     return out
 
 
@@ -351,6 +346,9 @@ def _row_dots_kernel(y_ptr, dest_ptr, g_ptr, out_ptr, D, k, stride_y, stride_g,
     tl.store(out_ptr + t * k + offs_j, acc, mask=mask_j)
 
 
+_ROW_OPTIONS = (("num_warps", 4),)
+
+
 def _row_meta(D: int, k: int = 1) -> dict:
     return dict(KP=max(2, next_pow2(k)), BLOCK_D=min(next_pow2(D), 64 if INTERPRET else 1024))
 
@@ -362,9 +360,9 @@ def pad_rows(x: torch.Tensor, src: torch.Tensor, k: int, scale: torch.Tensor | N
     x = x.contiguous()
     out = x.new_empty(src.numel(), x.shape[1])
     meta = _row_meta(x.shape[1])
-    _pad_rows_kernel[(src.numel(),)](x, src, x if scale is None else scale, out, x.shape[1], k, x.stride(0),
-                                     out.stride(0), HAS_SCALE=scale is not None, BLOCK_D=meta["BLOCK_D"],
-                                     num_warps=4)
+    launch(_pad_rows_kernel, (src.numel(),), (x, src, x if scale is None else scale, out),
+           (x.shape[1], k, x.stride(0), out.stride(0)), dict(HAS_SCALE=scale is not None, BLOCK_D=meta["BLOCK_D"]),
+           _ROW_OPTIONS)
     return out
 
 
@@ -374,9 +372,9 @@ def combine_rows(y: torch.Tensor, dest_TK: torch.Tensor, weights: torch.Tensor |
     y = y.contiguous()
     out = y.new_empty(T, y.shape[1])
     if T:
-        _combine_rows_kernel[(T,)](y, dest_TK, y if weights is None else weights, out, y.shape[1], k, y.stride(0),
-                                   out.stride(0), HAS_W=weights is not None, **_row_meta(y.shape[1], k),
-                                   num_warps=4)
+        launch(_combine_rows_kernel, (T,), (y, dest_TK, y if weights is None else weights, out),
+               (y.shape[1], k, y.stride(0), out.stride(0)), dict(HAS_W=weights is not None, **_row_meta(y.shape[1], k)),
+               _ROW_OPTIONS)
     return out
 
 
@@ -386,6 +384,6 @@ def row_dots(y: torch.Tensor, dest_TK: torch.Tensor, g: torch.Tensor) -> torch.T
     y, g = y.contiguous(), g.contiguous()
     out = torch.empty(T, k, dtype=torch.float32, device=y.device)
     if T:
-        _row_dots_kernel[(T,)](y, dest_TK, g, out, y.shape[1], k, y.stride(0), g.stride(0),
-                               **_row_meta(y.shape[1], k), num_warps=4)
+        launch(_row_dots_kernel, (T,), (y, dest_TK, g, out), (y.shape[1], k, y.stride(0), g.stride(0)),
+               _row_meta(y.shape[1], k), _ROW_OPTIONS)
     return out

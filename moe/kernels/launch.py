@@ -1,31 +1,37 @@
-"""Launching Triton kernels with little host time: the compiled kernel is kept and launched directly.
+"""Launching Triton kernels with little host time, and autotuning them: the one launch path of every kernel.
 
-Host time bounds small MoE layers (S1 of benchmarks/bench_moe.py): `fn[grid](...)` spends about 50 us of
-Python per launch on an H100 host building triton's cache key from every argument, against about 10 us in the
-compiled kernel's own launcher (benchmarks/results/2026-11-22-h100-scatter-v3.md). `launch` keeps the compiled
-kernel under the constexprs, the options and what triton specializes on, and replays it.
+Host time bounds small MoE layers: `fn[grid](...)` spends several times more Python per launch building
+triton's cache key from every argument than the compiled kernel's own launcher does (measured in
+benchmarks/host_overhead.py; benchmarks/results/ README). `launch` keeps the compiled kernel under the
+constexprs, the options and what triton specializes on, and replays it.
+
+`autotune` + `launch_tuned`: triton.autotune picks a config per key on a GPU the first time a key is seen;
+after that the pick is replayed through `launch`, skipping the autotuner's per-call work too. The interpreter
+cannot time kernels, so there the kernel is left plain and launched with the call site's `interpret` config.
 """
 from __future__ import annotations
 
 import functools
 import os
 
-import torch
 import triton
 from triton import knobs
+from triton.runtime.autotuner import Autotuner
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _COMPILED: dict[tuple, tuple] = {}  # (id(fn), device, constexprs, options, specialization) -> compiled, constexprs
+_PICKED: dict[tuple, tuple] = {}  # (kernel, key) -> the options (all_kwargs) of the config triton.autotune picked
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for the host: triton.cdiv is a constexpr function, 3 us a call from Python."""
+    """ceil(a / b) for the host: triton.cdiv is a constexpr function, several microseconds a call from Python."""
     return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1), for the host: triton.next_power_of_2 takes 6 us a call."""
+    """The smallest power of two >= n (1 for n <= 1), for the host: triton.next_power_of_2 is a constexpr function,
+    several microseconds a call."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -74,3 +80,29 @@ def launch(fn, grid, tensors: tuple, ints: tuple, constexprs: dict, options: tup
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                  compiled.function, compiled.packed_metadata,
                  None if enter is None else compiled.launch_metadata(grid, stream, *args), enter, exit_, *args)
+
+
+def autotune(configs: list[triton.Config], key: list[str], prune=None):
+    """triton.autotune over `configs` (keyed on the named arguments `key`; `prune` an early_config_prune
+    function), or, under the interpreter, the plain kernel."""
+    if INTERPRET:
+        return lambda kernel: kernel
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+
+
+def launch_tuned(kernel, grid, key: tuple, tensors: tuple, ints: tuple, constexprs: dict,
+                 config: triton.Config | None = None, interpret: triton.Config | None = None) -> None:
+    """Launch an `autotune`d kernel with the config triton.autotune picked for `key` (tuning it on first sight),
+    or with `config` (a sweep's), or under the interpreter with `interpret`. `key` must distinguish what the
+    kernel's autotune key does, with the operand dtypes; arguments as for `launch`."""
+    tuned = isinstance(kernel, Autotuner)  # a plain kernel: `autotune` under the interpreter
+    config = config or (None if tuned else interpret)
+    if config is not None:
+        launch(kernel.fn if tuned else kernel, grid, tensors, ints, constexprs, tuple(config.all_kwargs().items()))
+        return
+    options = _PICKED.get((kernel, key))
+    if options is None:
+        kernel[grid](*tensors, *ints, **constexprs)
+        _PICKED[(kernel, key)] = tuple(kernel.best_config.all_kwargs().items())
+        return
+    launch(kernel.fn, grid, tensors, ints, constexprs, options)

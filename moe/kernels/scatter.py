@@ -1,32 +1,29 @@
 """ScatterMoE-style kernels: gather rows by index into tiles, multiply by each expert's weight, write by index.
 
-Indices (see moe/permute.py): `order [T*k]` holds the flat slot index s = t*k + j at each expert-sorted
-position p; `counts [E]` the rows per expert. A row is *scattered* when it is addressed by slot (input row
+Indices (the sort record of moe/kernels/sort.py): `order [T*k]` holds the flat slot index s = t*k + j at each
+expert-sorted position p; `counts [E]` the rows per expert. A row is *scattered* when it is addressed by slot (input row
 s // k of X [T, K], output row s of Y [T*k, N]) and *grouped* when addressed by sorted position p.
 
 `scatter_mm` computes Y[out(p)] = X[in(p)] @ W[e_p] for every sorted position p, in any of the four layouts.
 Row tiles never straddle experts: expert e gets ceil(counts[e] / BM) tiles, and each program finds its
 expert from `counts` on the device (no host sync); the grid is sized for the worst case
 ceil(T*k / BM) + E tiles and the programs past the last tile exit at once. An expert's last tile runs with
-BM / 2 rows when its rows fit: at bench_moe.py's S2 (~256 rows per expert) padding rows drop from 21% to 11%
-of those computed, and the four GEMM kernels from 1.365 to 1.318 ms on an H100 (S1 0.735 -> 0.712 ms).
+BM / 2 rows when its rows fit, which about halves the padding rows computed at a few hundred rows per expert
+(measured with benchmarks/sweep_scatter.py, benchmarks/results/).
 
 Fused epilogues for the expert MLP (EPI):
-    0 plain: Y = acc, times the slot's gate if gates are given (layer 2 with gates, input gradients)
+    0 plain: Y = acc (layer 2, the gradients through the weights)
     1 layer 1 forward: H = acc (pre-activation, kept for backward), A = act(acc); GELU in 16-bit on the GPU
-      through the hardware tanh (FAST_GELU: the sigmoid's exp and reciprocal bound this epilogue, S1 0.285 ->
-      0.239 ms, S3 3.33 -> 2.89 ms on an H100)
+      through the hardware tanh (FAST_GELU: the sigmoid's exp and reciprocal bound this epilogue)
 With GLU (SwiGLU), a second weight W_2 (= w3) is in play: in EPI 1 it gives a second accumulator
 (H = [h1 | h3], A = silu(h1) * h3); in EPI 0 X has 2K columns and the product is
 X[:, :K] @ W + X[:, K:] @ W_2 (the input gradient through w1 and w3).
 
-`act_bwd` is the backward through the activation and the gates, one pass over the sorted rows:
-dA = dout @ W2^T (a plain `scatter_mm`) -> dH = gate * dA * act'(H), gate * act(H) (for dW2) and
-dgates[s] = <act(H), dA> summed over the whole row in one program (no atomics: deterministic). Fusing it
-into the GEMM's epilogue was slower on an H100: its registers forced 128x128 tiles where the plain GEMM
-runs 128x256 (benchmarks/results/2026-11-22-h100-scatter-v2.md).
+`act_bwd` is the backward through the activation, one pass over the sorted rows: dA = dY @ W2^T (a plain
+`scatter_mm`) -> dH = dA * act'(H) and act(H) (recomputed, for dW2). Fusing it into the GEMM's epilogue was
+slower on the GPU: its registers forced 128x128 tiles where the plain GEMM runs 128x256 (benchmarks/results/).
 
-`group_xty` computes the weight gradient dW[e] = sum_{p in e} X[row(p)]^T dY[row(p)].
+`group_xty` computes the weight gradient dW[e] = sum_{p in e} X[row(p)]^T dY[p].
 """
 from __future__ import annotations
 
@@ -36,62 +33,40 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.kernels.launch import INTERPRET, cdiv, launch, next_pow2
+from moe.kernels.activations import gelu_grad, gelu_sigmoid, gelu_tanh_approx
+from moe.kernels.launch import INTERPRET, autotune, cdiv, launch_tuned, next_pow2
 
 EPI_PLAIN, EPI_ACT_FWD = tl.constexpr(0), tl.constexpr(1)
 
-if INTERPRET:  # the interpreter cannot benchmark: one fixed config
-    _MM_CONFIGS = [triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    _XTY_CONFIGS = [triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_K": 3}, num_warps=4, num_stages=1)]
-    _ACT_CONFIGS = [triton.Config({"BM": 16, "BN": 64}, num_warps=4, num_stages=1)]
-else:
-    # from benchmarks/sweep_scatter.py on an H100 (benchmarks/results/2026-11-22-h100-scatter-v2.md): the best
-    # (BM, BN, BK, warps, stages) of each kernel at S1-S4
-    _MM_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-                   for bm, bn, bk, w, st in [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                             (128, 128, 64, 8, 5), (64, 256, 64, 8, 4), (128, 128, 64, 8, 4)]]
-    # XᵀdY: the row-index load in the loop costs one pipeline stage (num_stages - 2 buffers in flight)
-    _XTY_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_K": g}, num_warps=w, num_stages=st)
-                    for bm, bn, bk, w, st, g in [(64, 256, 128, 8, 5, 8), (64, 256, 128, 8, 5, 16),
-                                                 (32, 256, 128, 8, 6, 8), (64, 128, 256, 8, 5, 8),
-                                                 (64, 256, 128, 8, 6, 8), (64, 128, 128, 8, 3, 8)]]
-    _ACT_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
-                    for bm, bn, w, st in [(16, 256, 4, 2), (32, 256, 8, 2), (4, 1024, 4, 2), (32, 128, 4, 3)]]
-
-
-@triton.jit
-def _gelu_sigmoid(h):
-    """s = sigmoid(2u): gelu(h) = h * s."""
-    return tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
-
-
-@triton.jit
-def _gelu_tanh_approx(h):
-    """gelu(h) with the GPU's tanh.approx.f32, one special-function op where the sigmoid takes an exp and a
-    reciprocal (relative error ~5e-4, under bf16's 4e-3): layer 1's forward epilogue in 16-bit on the GPU."""
-    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.7978845608028654 * (h + 0.044715 * h * h * h)],
-                                  dtype=tl.float32, is_pure=True, pack=1)
-    return 0.5 * h * (1.0 + t)
-
-
-@triton.jit
-def _gelu_grad(h, s, act):
-    """gelu'(h) from s = _gelu_sigmoid(h) and act = h * s."""
-    return s + act * (1.0 - s) * 1.5957691216057308 * (1.0 + 3.0 * 0.044715 * h * h)
+# the interpreter's one config of each kernel
+_MM_INTERPRET = triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)
+_XTY_INTERPRET = triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_K": 3}, num_warps=4, num_stages=1)
+_ACT_INTERPRET = triton.Config({"BM": 16, "BN": 64}, num_warps=4, num_stages=1)
+# from benchmarks/sweep_scatter.py (benchmarks/results/README.md): the best (BM, BN, BK, warps, stages) of
+# each kernel over the bench_moe shapes
+_MM_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+               for bm, bn, bk, w, st in [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                         (128, 128, 64, 8, 5), (64, 256, 64, 8, 4), (128, 128, 64, 8, 4)]]
+# XᵀdY: the row-index load in the loop costs one pipeline stage (num_stages - 2 buffers in flight)
+_XTY_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_K": g}, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st, g in [(64, 256, 128, 8, 5, 8), (64, 256, 128, 8, 5, 16),
+                                             (32, 256, 128, 8, 6, 8), (64, 128, 256, 8, 5, 8),
+                                             (64, 256, 128, 8, 6, 8), (64, 128, 128, 8, 3, 8)]]
+_ACT_CONFIGS = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in [(16, 256, 4, 2), (32, 256, 8, 2), (4, 1024, 4, 2), (32, 128, 4, 3)]]
 
 
 @triton.jit
 def _mm_tile(
-    X, W, W_2, Y, H, A, G, order_ptr, start, end, e, pid_n, N, K, top_k,
+    X, W, W_2, Y, H, A, order_ptr, start, end, e, pid_n, N, K, top_k,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_hm, stride_am,
     SCATTER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr, EPI: tl.constexpr, GLU: tl.constexpr,
-    GATED: tl.constexpr, ACC: tl.constexpr, FAST_GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr,
+    ACC: tl.constexpr, FAST_GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """One output tile: sorted rows [start, min(start + BM, end)) of expert e, columns pid_n * BN + [0, BN)."""
     offs_m = start + tl.arange(0, BM)  # [BM] sorted positions
     mask_m = offs_m < end
-    if SCATTER_IN or SCATTER_OUT or GATED:
+    if SCATTER_IN or SCATTER_OUT:
         slot = tl.load(order_ptr + offs_m, mask=mask_m, other=0)  # [BM] int64 flat slot t*k+j
     if SCATTER_IN:
         in_row = slot // top_k
@@ -134,8 +109,6 @@ def _mm_tile(
 
     mask = mask_m[:, None] & mask_n[None, :]
     if EPI == EPI_PLAIN:
-        if GATED:
-            acc *= tl.load(G + slot, mask=mask_m, other=0.0)[:, None]
         tl.store(Y + out_row[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
     else:  # EPI_ACT_FWD, grouped out: H [rows, N or 2N], A [rows, N]
         h_ptrs = H + out_row[:, None] * stride_hm + offs_n[None, :]
@@ -144,20 +117,20 @@ def _mm_tile(
             tl.store(h_ptrs + N, acc3.to(H.dtype.element_ty), mask=mask)
             act = acc * tl.sigmoid(acc) * acc3
         elif FAST_GELU:
-            act = _gelu_tanh_approx(acc)
+            act = gelu_tanh_approx(acc)
         else:
-            act = acc * _gelu_sigmoid(acc)
+            act = acc * gelu_sigmoid(acc)
         tl.store(A + out_row[:, None] * stride_am + offs_n[None, :], act.to(A.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["rows_key", "N", "K", "SCATTER_IN", "SCATTER_OUT", "EPI", "GLU", "GATED"])
+@autotune(_MM_CONFIGS, key=["rows_key", "N", "K", "SCATTER_IN", "SCATTER_OUT", "EPI", "GLU"])
 @triton.jit
 def _scatter_mm_kernel(
-    X, W, W_2, Y, H, A, G, order_ptr, counts_ptr,
+    X, W, W_2, Y, H, A, order_ptr, counts_ptr,
     num_rows, rows_key, N, K, top_k,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_hm, stride_am,
     E: tl.constexpr, E_POW2: tl.constexpr, SCATTER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
-    EPI: tl.constexpr, GLU: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr, FAST_GELU: tl.constexpr,
+    EPI: tl.constexpr, GLU: tl.constexpr, ACC: tl.constexpr, FAST_GELU: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # program -> (row tile, column tile), row tiles grouped by GROUP_M for L2 reuse of W[e]
@@ -184,29 +157,26 @@ def _scatter_mm_kernel(
 
     # an expert's last rows that fit half a tile get a half tile (module docstring)
     if end - start <= BM // 2:
-        _mm_tile(X, W, W_2, Y, H, A, G, order_ptr, start, end, e, pid_n, N, K, top_k,
+        _mm_tile(X, W, W_2, Y, H, A, order_ptr, start, end, e, pid_n, N, K, top_k,
                  stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_hm, stride_am,
-                 SCATTER_IN, SCATTER_OUT, EPI, GLU, GATED, ACC, FAST_GELU, BM // 2, BN, BK)
+                 SCATTER_IN, SCATTER_OUT, EPI, GLU, ACC, FAST_GELU, BM // 2, BN, BK)
     else:
-        _mm_tile(X, W, W_2, Y, H, A, G, order_ptr, start, end, e, pid_n, N, K, top_k,
+        _mm_tile(X, W, W_2, Y, H, A, order_ptr, start, end, e, pid_n, N, K, top_k,
                  stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_hm, stride_am,
-                 SCATTER_IN, SCATTER_OUT, EPI, GLU, GATED, ACC, FAST_GELU, BM, BN, BK)
+                 SCATTER_IN, SCATTER_OUT, EPI, GLU, ACC, FAST_GELU, BM, BN, BK)
 
 
-@triton.autotune(configs=_ACT_CONFIGS, key=["rows_key", "N", "GLU"])
+@autotune(_ACT_CONFIGS, key=["rows_key", "N", "GLU"])
 @triton.jit
 def _act_bwd_kernel(
-    DA, H, DH, GA, G, DG, order_ptr, num_rows, rows_key, N, stride_am, stride_hm,
+    DA, H, DH, A, num_rows, rows_key, N, stride_am, stride_hm,
     GLU: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
-    # program -> BM sorted rows, looping over all N columns: dgates of a row is summed in one program
+    # program -> BM sorted rows, looping over all N columns
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     mask_m = offs_m < num_rows
-    slot = tl.load(order_ptr + offs_m, mask=mask_m, other=0)
-    gate = tl.load(G + slot, mask=mask_m, other=0.0).to(ACC)[:, None]
     rows_a = offs_m.to(tl.int64)[:, None] * stride_am
     rows_h = offs_m.to(tl.int64)[:, None] * stride_hm
-    dg = tl.zeros((BM,), dtype=ACC)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask = mask_m[:, None] & (offs_n < N)[None, :]
@@ -217,27 +187,23 @@ def _act_bwd_kernel(
             sig = tl.sigmoid(h)
             silu = h * sig
             act = silu * h3
-            gda = gate * da
-            tl.store(DH + rows_h + offs_n[None, :], (gda * h3 * sig * (1.0 + h * (1.0 - sig))).to(DH.dtype.element_ty),
+            tl.store(DH + rows_h + offs_n[None, :], (da * h3 * sig * (1.0 + h * (1.0 - sig))).to(DH.dtype.element_ty),
                      mask=mask)
-            tl.store(DH + rows_h + N + offs_n[None, :], (gda * silu).to(DH.dtype.element_ty), mask=mask)
+            tl.store(DH + rows_h + N + offs_n[None, :], (da * silu).to(DH.dtype.element_ty), mask=mask)
         else:
-            s = _gelu_sigmoid(h)
+            s = gelu_sigmoid(h)
             act = h * s
-            tl.store(DH + rows_h + offs_n[None, :], (gate * da * _gelu_grad(h, s, act)).to(DH.dtype.element_ty),
-                     mask=mask)
-        tl.store(GA + rows_a + offs_n[None, :], (gate * act).to(GA.dtype.element_ty), mask=mask)
-        dg += tl.sum(act * da, 1)
-    tl.store(DG + slot, dg.to(DG.dtype.element_ty), mask=mask_m)
+            tl.store(DH + rows_h + offs_n[None, :], (da * gelu_grad(h, s, act)).to(DH.dtype.element_ty), mask=mask)
+        tl.store(A + rows_a + offs_n[None, :], act.to(A.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_XTY_CONFIGS, key=["rows_key", "N", "K", "X_SCATTERED", "DY_SCATTERED"])
+@autotune(_XTY_CONFIGS, key=["rows_key", "N", "K", "X_SCATTERED"])
 @triton.jit
 def _group_xty_kernel(
     X, DY, DW, tokens_ptr, counts_ptr, ends_ptr,
     rows_key, N, K,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
-    X_SCATTERED: tl.constexpr, DY_SCATTERED: tl.constexpr, ACC: tl.constexpr,
+    X_SCATTERED: tl.constexpr, ACC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_K: tl.constexpr,
 ):
     # program -> (expert e, tile (pid_k, pid_n) of dW[e] [K, N]), expert outermost; within e, GROUP_K row
@@ -260,10 +226,11 @@ def _group_xty_kernel(
     for m0 in range(start, end, BM):
         offs_m = m0 + tl.arange(0, BM)  # [BM] sorted positions
         mask_m = offs_m < end
-        if X_SCATTERED or DY_SCATTERED:
-            token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0)  # [BM] int64 token of each position
-        x_row = token if X_SCATTERED else offs_m.to(tl.int64)
-        dy_row = token if DY_SCATTERED else offs_m.to(tl.int64)
+        if X_SCATTERED:
+            x_row = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0)  # [BM] int64 row of x of each position
+        else:
+            x_row = offs_m.to(tl.int64)
+        dy_row = offs_m.to(tl.int64)
         xt = tl.load(X + x_row[None, :] * stride_xm + offs_k[:, None] * stride_xk,
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
         dy = tl.load(DY + dy_row[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
@@ -278,28 +245,10 @@ def _acc_type(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-_PICKED: dict[tuple, tuple] = {}  # (kernel, key) -> the options (all_kwargs) of the config triton.autotune picked
-
-
 def _rows_key(num_rows: int) -> int:
     """The row count as the autotuners see it: rounded up to a power of two. Under expert parallelism the rows
     a rank receives change every step; keyed on the exact count, every new count would be tuned anew."""
     return next_pow2(max(num_rows, 1))
-
-
-def _launch(kernel, grid, key: tuple, config: triton.Config | None, tensors: tuple, ints: tuple, **constexprs):
-    """Launch an autotuned kernel with the config triton.autotune picked for `key` (tuning it on first sight),
-    or with `config` (benchmarks/sweep_scatter.py). A replay skips the autotuner's per-call work and triton's
-    (kernels/launch.py). `key` must hold what the kernel's autotune key holds, with the operand dtypes."""
-    if config is not None:
-        launch(kernel.fn, grid, tensors, ints, constexprs, tuple(config.all_kwargs().items()))
-        return
-    options = _PICKED.get((kernel, key))
-    if options is None:
-        kernel[grid](*tensors, *ints, **constexprs)
-        _PICKED[(kernel, key)] = tuple(kernel.best_config.all_kwargs().items())
-        return
-    launch(kernel.fn, grid, tensors, ints, constexprs, options)
 
 
 @functools.lru_cache
@@ -308,41 +257,37 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _launch_mm(x, w, w_2, y, h, a, gates, order, counts, top_k, num_rows, K, N,
+def _launch_mm(x, w, w_2, y, h, a, order, counts, top_k, num_rows, K, N,
                scatter_in, scatter_out, epi, glu, config: triton.Config | None = None):
     """Launches `_scatter_mm_kernel`, autotuned, or with `config` (for benchmarks/sweep_scatter.py)."""
     E = w.shape[0]
     dummy = _dummy(x.device)
     grid = lambda meta: ((cdiv(num_rows, meta["BM"]) + E) * cdiv(N, meta["BN"]),)
-    gated = gates is not None and epi.value == EPI_PLAIN.value
     rows_key = _rows_key(num_rows)
-    key = (rows_key, N, K, scatter_in, scatter_out, epi.value, glu, gated, x.dtype, w.dtype)
-    _launch(
-        _scatter_mm_kernel, grid, key, config,
+    key = (rows_key, N, K, scatter_in, scatter_out, epi.value, glu, x.dtype, w.dtype)
+    launch_tuned(
+        _scatter_mm_kernel, grid, key,
         (x, w, dummy if w_2 is None else w_2, dummy if y is None else y, dummy if h is None else h,
-         dummy if a is None else a, dummy if gates is None else gates, order, counts),
+         dummy if a is None else a, order, counts),
         (num_rows, rows_key, N, K, top_k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
          0 if y is None else y.stride(0), 0 if h is None else h.stride(0), 0 if a is None else a.stride(0)),
-        E=E, E_POW2=next_pow2(E), SCATTER_IN=scatter_in, SCATTER_OUT=scatter_out,
-        EPI=epi.value, GLU=glu, GATED=gated, ACC=_acc_type(x),
-        FAST_GELU=not INTERPRET and x.dtype in (torch.bfloat16, torch.float16),
-    )
+        dict(E=E, E_POW2=next_pow2(E), SCATTER_IN=scatter_in, SCATTER_OUT=scatter_out, EPI=epi.value, GLU=glu,
+             ACC=_acc_type(x), FAST_GELU=not INTERPRET and x.dtype in (torch.bfloat16, torch.float16)),
+        config, _MM_INTERPRET)
 
 
 def scatter_mm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, top_k: int,
-               scattered_in: bool, scattered_out: bool, gates: torch.Tensor | None = None,
-               w_2: torch.Tensor | None = None) -> torch.Tensor:
-    """Y[out(p)] = X[in(p)] @ W[e_p] (+ X[in(p), K:] @ W_2[e_p] when w_2 is given), times gates[slot] if given.
+               scattered_in: bool, scattered_out: bool, w_2: torch.Tensor | None = None) -> torch.Tensor:
+    """Y[out(p)] = X[in(p)] @ W[e_p] (+ X[in(p), K:] @ W_2[e_p] when w_2 is given).
 
     x: [T, K] if scattered_in else [T*k, K] (grouped; [T*k, 2K] with w_2); w, w_2: [E, K, N] (any strides,
-    so a transposed view serves the input gradient); order [T*k] int64; counts [E] int64; gates [T*k] fp32
-    (needs scattered_out). Returns [T*k, N] in slot order if scattered_out else in sorted order.
+    so a transposed view serves the input gradient); order [T*k] int64; counts [E] int64. Returns [T*k, N] in
+    slot order if scattered_out else in sorted order.
     """
-    num_rows, (E, K, N) = order.numel(), w.shape
-    assert gates is None or scattered_out, "gates need a scattered output"
+    num_rows, (_, K, N) = order.numel(), w.shape
     assert scattered_in or x.shape[0] == num_rows, "a grouped input has T*k rows"
     y = x.new_empty(num_rows, N)
-    _launch_mm(x, w, w_2, y, None, None, gates, order, counts, top_k, num_rows, K, N,
+    _launch_mm(x, w, w_2, y, None, None, order, counts, top_k, num_rows, K, N,
                scattered_in, scattered_out, EPI_PLAIN, w_2 is not None)
     return y
 
@@ -351,55 +296,49 @@ def mlp_in_fwd(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, order
                counts: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer 1 scattered->grouped with the activation fused: x [T, d] -> h [T*k, f] (or [h1 | h3] [T*k, 2f]
     for SwiGLU, w3 given), a = act(h) [T*k, f], both in sorted order."""
-    num_rows, (E, K, N) = order.numel(), w1.shape
+    num_rows, (_, K, N) = order.numel(), w1.shape
     h = x.new_empty(num_rows, 2 * N if w3 is not None else N)
     a = x.new_empty(num_rows, N)
-    _launch_mm(x, w1, w3, None, h, a, None, order, counts, top_k, num_rows, K, N,
+    _launch_mm(x, w1, w3, None, h, a, order, counts, top_k, num_rows, K, N,
                True, False, EPI_ACT_FWD, w3 is not None)
     return h, a
 
 
-def act_bwd(da: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
-            config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward through the activation and the gates, rows in sorted order: da = dL/d(act) ungated [T*k, f],
-    h as from `mlp_in_fwd` ([T*k, f], or [T*k, 2f] for SwiGLU), gates [T*k] by slot ->
-    dh (shaped like h), gate * act(h) [T*k, f] and dgates [T*k] by slot, in the gates' dtype."""
+def act_bwd(da: torch.Tensor, h: torch.Tensor,
+            config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward through the activation, rows in sorted order: da = dL/d(act) [T*k, f], h as from `mlp_in_fwd`
+    ([T*k, f], or [T*k, 2f] for SwiGLU) -> dh (shaped like h) and act(h) [T*k, f]."""
     num_rows, N = da.shape
-    dh, ga = torch.empty_like(h), torch.empty_like(da)
-    dgates = torch.empty(num_rows, dtype=gates.dtype, device=da.device)
+    dh, a = torch.empty_like(h), torch.empty_like(da)
     glu = h.shape[1] == 2 * N
     rows_key = _rows_key(num_rows)
-    _launch(_act_bwd_kernel, lambda meta: (cdiv(num_rows, meta["BM"]),), (rows_key, N, glu, da.dtype), config,
-            (da, h, dh, ga, gates, dgates, order), (num_rows, rows_key, N, da.stride(0), h.stride(0)),
-            GLU=glu, ACC=_acc_type(da))
-    return dh, ga, dgates
+    launch_tuned(_act_bwd_kernel, lambda meta: (cdiv(num_rows, meta["BM"]),), (rows_key, N, glu, da.dtype),
+                 (da, h, dh, a), (num_rows, rows_key, N, da.stride(0), h.stride(0)),
+                 dict(GLU=glu, ACC=_acc_type(da)), config, _ACT_INTERPRET)
+    return dh, a
 
 
-def mlp_out_bwd(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
-                counts: torch.Tensor, top_k: int,
-                dout_grouped: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward through layer 2 and the activation: dout [T, d] (or its rows in sorted order, [T*k, d], with
-    `dout_grouped`), w2 [E, f, d], h as from `mlp_in_fwd`, gates [T*k] fp32 (fp64 for fp64 operands) ->
-    dh (shaped like h, sorted), gate * act(h) [T*k, f] (sorted), dgates [T*k] in the gates' dtype."""
-    da = scatter_mm(dout, w2.transpose(1, 2), order, counts, top_k, scattered_in=not dout_grouped,
-                    scattered_out=False)
-    return act_bwd(da, h, gates, order)
+def mlp_out_bwd(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
+                top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward through layer 2 and the activation, rows in sorted order: dy [T*k, d], w2 [E, f, d], h as from
+    `mlp_in_fwd` -> dh (shaped like h) and act(h) [T*k, f]."""
+    da = scatter_mm(dy, w2.transpose(1, 2), order, counts, top_k, scattered_in=False, scattered_out=False)
+    return act_bwd(da, h)
 
 
 def group_xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
-              x_scattered: bool, dy_scattered: bool, config: triton.Config | None = None) -> torch.Tensor:
-    """dW[e] = sum over e's sorted positions p of X[row(p)]^T dY[row(p)] -> [E, K, N].
+              x_scattered: bool, config: triton.Config | None = None) -> torch.Tensor:
+    """dW[e] = sum over e's sorted positions p of X[row(p)]^T dY[p] -> [E, K, N], dy [T*k, N] grouped.
 
-    row(p) = tokens[p] (= order[p] // k, int64) for a scattered operand, p for a grouped one;
+    row(p) = tokens[p] (= order[p] // k, int64) when x is scattered, p when grouped;
     ends = cumsum(counts). Empty experts get zeros. `config` replaces autotuning (for benchmarks/sweep_scatter.py)."""
     E, K, N, rows_key = counts.numel(), x.shape[1], dy.shape[1], _rows_key(tokens.numel())
     dw = x.new_empty(E, K, N)
     grid = lambda meta: (E * cdiv(K, meta["BK"]) * cdiv(N, meta["BN"]),)
-    _launch(
-        _group_xty_kernel, grid, (rows_key, N, K, x_scattered, dy_scattered, x.dtype, dy.dtype), config,
+    launch_tuned(
+        _group_xty_kernel, grid, (rows_key, N, K, x_scattered, x.dtype, dy.dtype),
         (x, dy, dw, tokens, counts, ends),
         (rows_key, N, K, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
          dw.stride(0), dw.stride(1), dw.stride(2)),
-        X_SCATTERED=x_scattered, DY_SCATTERED=dy_scattered, ACC=_acc_type(x),
-    )
+        dict(X_SCATTERED=x_scattered, ACC=_acc_type(x)), config, _XTY_INTERPRET)
     return dw

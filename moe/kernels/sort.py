@@ -1,9 +1,13 @@
-"""Stable counting sort of expert ids on the GPU: two launches where torch.sort and the group bounds take 16.
+"""Sorting assignments by expert: the sort record every backend and dispatcher reads, and how it is computed.
 
-Small layers are bound by launches (S1 of benchmarks/bench_moe.py), and a radix sort of 16-bit keys plus the
-searchsorted group ends is 16 kernels, most of a microsecond of work each. With few experts a counting sort
-is cheaper. The keys are split into at most NB (<= 8192 / E) blocks, one program each, read in chunks of SUB
-keys (a [SUB, E] one-hot of 8K elements):
+A flat assignment index is i = t * k + j (token t, slot j). Sorting the flat expert ids stably gives
+`order[p]` = the flat index at sorted position p, so expert e owns sorted positions
+[offsets[e] - counts[e], offsets[e]) and, within an expert, assignments stay in token order.
+
+Small layers are bound by kernel launches, and a radix sort of 16-bit keys plus the searchsorted group ends is
+16 kernels of little work each, so on the GPU with few experts the sort is a stable counting sort in two
+launches (measured in benchmarks/results/, see its README). The keys are split into at most NB (<= 8192 / E)
+blocks, one program each, read in chunks of SUB keys (a [SUB, E] one-hot of 8K elements):
     1. `_block_counts_kernel`: hist[b, e] = keys of expert e in block b;
     2. `_place_kernel`: every program reads the whole (small) hist, so key i of block b with expert e goes to
        ends[e] - counts[e] + (keys of e in blocks before b) + (keys of e before i within block b):
@@ -12,11 +16,38 @@ Expert ids must lie in [0, E).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from moe.kernels.launch import cdiv, launch, next_pow2
+
+COUNTING_SORT_MAX_EXPERTS = 512  # its per-program one-hot is [BLOCK, E]: wider, torch.sort wins
+
+
+class Sorted(NamedTuple):
+    order: torch.Tensor  # [T*k] int64, flat assignment index at each sorted position
+    expert_of: torch.Tensor  # [T*k] int16 (int32 past 32767 experts), expert at each sorted position, non-decreasing
+    counts: torch.Tensor  # [E] int64, assignments per expert
+    offsets: torch.Tensor  # [E] int64, inclusive cumulative sum of counts (group ends)
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> Sorted:
+    """Stable sort of the flat [T*k] expert ids (values in [0, num_experts)), without host syncs.
+
+    On the GPU with up to COUNTING_SORT_MAX_EXPERTS experts: `counting_sort`. Else torch.sort of the keys as
+    int16 (fewer radix passes than int64) and the group ends by a binary search of the sorted keys."""
+    key_type = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+    flat = expert_ids.reshape(-1)
+    if flat.is_cuda and num_experts <= COUNTING_SORT_MAX_EXPERTS:
+        return Sorted(*counting_sort(flat, num_experts, key_type))
+    expert_of, order = torch.sort(flat.to(key_type), stable=True)
+    experts = torch.arange(num_experts, device=expert_of.device, dtype=key_type)
+    offsets = torch.searchsorted(expert_of, experts, right=True)  # [E] int64 group ends
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    return Sorted(order, expert_of, counts, offsets)
 
 
 @triton.jit

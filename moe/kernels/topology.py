@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe.permute import Sorted
+from moe.kernels.sort import Sorted
 
 
 class Topology(NamedTuple):
@@ -50,7 +50,7 @@ def max_block_rows(num_assignments: int, num_experts: int, block_size: int) -> i
 
 
 def padded_destinations(srt: Sorted, block_size: int) -> torch.Tensor:
-    """[T·k] int32: the padded row of each flat assignment (slot order, i = t·k + j).
+    """[T·k] int64: the padded row of each sorted position.
 
     Sorted position p of expert e goes to row padded_start[e] + (p − start[e]): each expert's group starts
     on a block boundary, and the rows after its last assignment, up to the next boundary, stay padding.
@@ -61,12 +61,11 @@ def padded_destinations(srt: Sorted, block_size: int) -> torch.Tensor:
     start = srt.offsets - srt.counts  # [E]
     p = torch.arange(srt.order.numel(), device=srt.order.device)
     e = srt.expert_of.long()
-    dest_sorted = padded_start[e] + p - start[e]  # [T·k] by sorted position
-    return torch.empty_like(dest_sorted).scatter_(0, srt.order, dest_sorted).int()
+    return padded_start[e] + p - start[e]
 
 
 def padded_sources(dest: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """[num_rows] int32: the flat assignment held by each padded row (the inverse of `dest`), −1 for padding."""
+    """[num_rows] int32: the index i of dest held by each padded row (dest[i] = row), −1 for padding."""
     src = torch.full((num_rows,), -1, dtype=torch.int32, device=dest.device)
     return src.scatter_(0, dest.long(), torch.arange(dest.numel(), dtype=torch.int32, device=dest.device))
 
@@ -94,7 +93,7 @@ def expert_topology(counts: torch.Tensor, ffn_size: int, block_size: int, num_ro
     """
     B, E = block_size, counts.numel()
     if ffn_size % B:
-        raise ValueError(f"ffn_hidden_size {ffn_size} is not a multiple of moe.block_size {B}: the "
+        raise ValueError(f"ffn_hidden_size {ffn_size} is not a multiple of moe.kernels.block_size {B}: the "
                          f"blocksparse backend tiles the expert width into {B}-wide blocks; use a multiple")
     F, dev = ffn_size // B, counts.device
     row_end = torch.cumsum((counts + B - 1) // B, 0)  # [E] inclusive block-row ends

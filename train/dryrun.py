@@ -19,22 +19,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallel.expert import ExpertParallel
-from parallel.layers import Layers, shard
-from parallel.state import check_layout, coordinates
+from model.gpt import GPT
+from parallel.layers import Layers
+from parallel.shards import is_tensor_parallel, shard, tag_tensor_parallel
+from parallel.state import ParallelState, check_layout, coordinates
+from train.config import Config
+from train.plan import RunPlan
 
 
 class _ShardShapes(Layers):
-    """Plain modules holding rank tp_rank's slices, for counting: the stand-in of TensorParallelLayers."""
-
-    def __init__(self, tp_rank: int, tp_size: int, dispatcher: ExpertParallel | None):
-        super().__init__(dispatcher)
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+    """Plain modules holding rank 0's slices, for counting: the stand-in of TensorParallelLayers."""
 
     def _cut(self, module: nn.Module, dim: int, chunks: int = 1) -> nn.Module:
-        if self.tp_size > 1:
-            module.weight = nn.Parameter(shard(module.weight.detach(), dim, self.tp_rank, self.tp_size, chunks))
-            module.weight.tensor_model_parallel = True
+        ps = self.ps
+        if ps.tp_size > 1:
+            module.weight = nn.Parameter(shard(module.weight.detach(), dim, ps.tp_rank, ps.tp_size, chunks))
+            tag_tensor_parallel(module.weight, dim, chunks)
         return module
 
     def column(self, linear, chunks=1):
@@ -61,20 +61,19 @@ def groups(world: int, tensor: int, expert: int) -> dict[str, list[list[int]]]:
     return out
 
 
-def report(cfg, world: int, vocab_size: int) -> str:
+def report(cfg: Config, plan: RunPlan) -> str:
     """The text that --dry-run prints."""
-    from model.gpt import GPT
-
+    world, vocab_size, dp = plan.world_size, plan.vocab_size, plan.data_parallel
     tp, ep = cfg.parallel.tensor, cfg.parallel.expert
     check_layout(world, tp, ep)
-    dp = world // tp
     t, m, moe = cfg.train, cfg.model, cfg.moe
-    layers = _ShardShapes(0, tp, ExpertParallel(None, 0, ep) if ep > 1 else None)
+    layers = _ShardShapes(ParallelState(world_size=world, dp_size=dp, tp_size=tp, ep_size=ep,
+                                        edp_size=world // (tp * ep)))
     with torch.device("meta"):
         model = GPT(m, moe, vocab_size, cfg.data.seq_length, layers)
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters())
-    split = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
+    split = sum(p.numel() for p in model.parameters() if is_tensor_parallel(p))
     states = 16 * total / 2**30
 
     s, b, h = cfg.data.seq_length, t.micro_batch_size, m.hidden_size
@@ -83,7 +82,7 @@ def report(cfg, world: int, vocab_size: int) -> str:
     act = (m.num_layers * s * b * h * (10 + 8 / tp) + (m.num_layers - num_moe) * 4 * s * b * m.ffn / tp
            + num_moe * moe.top_k * s * b * (2 * h + 4 * f_expert) + 8 * s * b * vocab_size / tp) / 2**30
 
-    accumulation = t.global_batch_size // (t.micro_batch_size * dp)
+    accumulation = plan.accumulation
     lines = [f"layout: world {world} = tensor {tp} x expert {ep} x expert-data {world // (tp * ep)}; "
              f"data parallel (batch split, dense gradients) {dp}; each rank runs {accumulation} micro-batches "
              f"of {t.micro_batch_size} x {s} tokens per step",
@@ -95,7 +94,7 @@ def report(cfg, world: int, vocab_size: int) -> str:
               f"{expert / 1e6:.2f}M in {moe.num_experts // ep} of {moe.num_experts} experts per MoE layer, "
               f"{(total - split - expert) / 1e6:.2f}M replicated)",
               "memory: states = fp32 weights + grads + Adam (16 B/param); activations = ROUGH bf16 estimate of one "
-              "micro-batch (parallel/dryrun.py)",
+              "micro-batch (train/dryrun.py)",
               f"{'rank':>5} {'tp':>3} {'ep':>3} {'edp':>4} {'dp':>4} {'params (M)':>11} {'states GiB':>11} "
               f"{'activ. GiB':>11} {'total GiB':>10}"]
     for r in range(min(world, 64)):
