@@ -68,8 +68,7 @@ def main(argv=None) -> int:
     torch.manual_seed(t.seed)
     model = GPT(cfg.model, cfg.moe, plan.vocab_size, cfg.data.seq_length, build_layers(ps)).to(device)
     if t.compile:
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
     if ps.is_main:
         n = model.num_params()
         print(f"model: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token; "

@@ -34,6 +34,7 @@ from moe.dispatch import LocalDispatcher  # noqa: E402
 from moe.experts.blocksparse import BlockSparseExperts  # noqa: E402
 from moe.experts.reference import ReferenceExperts  # noqa: E402
 from moe.kernels import blocksparse as bs  # noqa: E402
+from moe.kernels import rows as row_ops  # noqa: E402
 from moe.kernels.sort import sort_by_expert  # noqa: E402
 from moe.kernels.topology import expert_topology, max_block_rows, padded_destinations, padded_sources  # noqa: E402
 from moe.routing import Routing  # noqa: E402
@@ -112,8 +113,8 @@ def breakdown(model: BlockSparseExperts, routing: Routing, x: torch.Tensor, dout
     others = {
         "metadata (sort, topology, destinations)": metadata,
         "permute (pad x, un-pad y, pad dy, dx)": lambda: (
-            bs.pad_rows(x, slot_src, k), bs.combine_rows(xp, dest), bs.pad_rows(dy_grouped, src, 1),
-            bs.combine_rows(dy, slot_dest)),
+            row_ops.pad_rows(x, slot_src, k), row_ops.combine_rows(xp, dest), row_ops.pad_rows(dy_grouped, src, 1),
+            row_ops.combine_rows(dy, slot_dest)),
         "combine (gates; bwd: dy grouped, dgates)": combine,
     }
     ms = {n: bench(fn, 200) for n, fn in {**others, **products}.items()}

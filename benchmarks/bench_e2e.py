@@ -5,7 +5,10 @@
 
 Runs `pretrain.py` once per config (same steps, batch and overrides), skips the first log interval (warm-up,
 compilation), and reports steady-state tokens/s, step time, TFLOP/s, MFU, peak memory and the final loss, with
-the ratio of step times against the first config. Writes <date>-<device>-e2e.json and .md under --out.
+the ratio of step times against the first config. Defaults: the paper's vocabulary (--vocab 51200, as
+data.vocab_divisible_by on the embedded corpus), compiled blocks on a GPU (--no-compile for eager), and on a GPU
+the baseline of benchmarks/minimal_gpt.py with the first config's sizes, timed in the same job
+(--no-baseline to skip it). Writes <date>-<device>-e2e.json and .md under --out.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def run_one(spec: str, args) -> dict:
            f"train.global_batch_size={args.global_batch or args.micro_batch}",
            f"train.log_interval={args.log_interval}",
            "train.eval_interval=0", "checkpoint.save=false", f"train.compile={str(args.compile).lower()}",
-           f"logging.run_dir={run_dir}", *args.set, *own]
+           f"data.vocab_divisible_by={args.vocab}", f"logging.run_dir={run_dir}", *args.set, *own]
     print("$", " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode:
         return {"config": spec, "command": " ".join(cmd[1:]), "error": "pretrain.py failed (see its output)"}
@@ -44,6 +47,20 @@ def run_one(spec: str, args) -> dict:
             "final_loss": recs[-1]["loss"]}
 
 
+def run_baseline(spec: str, args) -> dict:
+    """benchmarks/minimal_gpt.py with the sizes of config `spec` (its name before any @)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/minimal_gpt.py"), "--config",
+           str(ROOT / f"configs/{spec.split('@')[0]}.yaml"), "--vocab", str(args.vocab), "--micro-batch",
+           str(args.micro_batch), "--steps", str(args.steps), "--log-interval", str(args.log_interval)]
+    print("$", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        print(done.stderr[-3000:], flush=True)
+        return {"config": "minimal GPT", "command": " ".join(cmd[1:]), "error": "minimal_gpt.py failed"}
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**row, "command": " ".join(cmd[1:]), "tflops": None, "mfu": None, "first_loss": row["final_loss"]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="transformer_xs,moe_xs", help="comma-separated specs (see run_one)")
@@ -51,27 +68,38 @@ def main():
     p.add_argument("--micro-batch", type=int, default=64)
     p.add_argument("--global-batch", type=int, default=0, help="0: one micro-batch per step")
     p.add_argument("--log-interval", type=int, default=50)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.compile for every run (default: on a GPU)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="time benchmarks/minimal_gpt.py too (default: on a GPU)")
+    p.add_argument("--vocab", type=int, default=51200, help="data.vocab_divisible_by (the padded vocabulary)")
     p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every run")
     p.add_argument("--run-root", default="/tmp/moetron-e2e")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = p.parse_args()
 
     import torch
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    rows = [run_one(name, args) for name in args.configs.split(",")]
+    cuda = torch.cuda.is_available()
+    args.compile = cuda if args.compile is None else args.compile
+    args.baseline = cuda if args.baseline is None else args.baseline
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    specs = args.configs.split(",")
+    rows = [run_one(name, args) for name in specs]
+    if args.baseline:
+        rows.append(run_baseline(specs[0], args))
     failed = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
     base = rows[0]["step_time_s"]
     lines = [f"# End-to-end throughput, {device}, {datetime.date.today()}", "",
-             f"steps {args.steps}, micro batch {args.micro_batch}, compile {args.compile}, overrides "
-             f"`{' '.join(args.set)}`; medians over log intervals after the first.", "",
+             f"steps {args.steps}, micro batch {args.micro_batch}, compile {args.compile}, vocabulary {args.vocab}, "
+             f"overrides `{' '.join(args.set)}`; medians over log intervals after the first.", "",
              "| config | tokens/s | step s | step time vs first | TFLOP/s | MFU | peak GiB | loss first -> last |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        tflops = f"{r['tflops']:.1f}" if r["tflops"] is not None else "-"
         lines.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
-                     f"{r['step_time_s'] / base:.2f} | {r['tflops']:.1f} | {mfu} | {r['peak_mem_gib']:.1f} | "
+                     f"{r['step_time_s'] / base:.2f} | {tflops} | {mfu} | {r['peak_mem_gib']:.1f} | "
                      f"{r['first_loss']:.2f} -> {r['final_loss']:.2f} |")
     lines += [f"| {r['config']} | failed | | | | | | |" for r in failed]
     table = "\n".join(lines)

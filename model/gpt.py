@@ -1,7 +1,10 @@
 """A GPT whose blocks hold a dense MLP or an MoE layer.
 
-    tokens [B, S] -> embedding (+ learned positions) -> N x Block -> LayerNorm -> LM head -> logits [B, S, V]
+    tokens [B, S] -> embedding (+ learned positions) -> N x Block -> LayerNorm -> LM head + cross-entropy -> loss
     Block: x + Attention(LN(x)), then x + MLP(LN(x)) or x + MoE(LN(x))
+
+The LM head and the cross-entropy are one fused, chunked operation (parallel/cross_entropy.py): the logits
+[B*S, V] are never materialised whole, nor in fp32.
 
 Pre-norm blocks, causal attention through torch's scaled_dot_product_attention, learned or rotary positions,
 GELU or SwiGLU MLPs, tied or untied head. The MoE layer (moe/layer.py) returns its load-balance and z losses,
@@ -18,7 +21,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from moe.config import MoEConfig
-from moe.experts.base import activate
+from moe.experts.base import activate, compute_dtype
 from moe.layer import MoELayer
 from moe.stats import MoEStats
 from parallel.layers import Layers
@@ -133,6 +136,14 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block. The MoE kernels are custom ops, opaque inside the graph; the group bounds
+        that the reference and the CPU grouped backends read to the host are traced as symbolic sizes
+        (capture_scalar_outputs) instead of breaking the graph."""
+        torch._dynamo.config.capture_scalar_outputs = True
+        for block in self.blocks:
+            block.compile()
+
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
 
@@ -160,9 +171,9 @@ class GPT(nn.Module):
                 aux_terms.append(aux)
                 z_terms.append(z)
         x = self.ln_f(x)
-        weight = self.head.weight if self.head is not None else self.embed.weight
-        logits = F.linear(self.layers.head_input(x), weight)  # [B, S, V / tp]
-        lm = self.layers.cross_entropy(logits.float().view(B * S, -1), targets.reshape(-1))
+        weight = self.head.weight if self.head is not None else self.embed.weight  # [V / tp, d]
+        # the logits [B*S, V / tp] are computed chunk by chunk inside the loss, never whole
+        lm = self.layers.lm_loss(x.view(B * S, -1), weight, targets.reshape(-1), compute_dtype(x))
         zero = lm.new_zeros(())
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
         z = torch.stack(z_terms).mean() if z_terms else zero

@@ -9,8 +9,9 @@ bin after the last expert: they are never computed, and their slots add nothing 
 
 `LocalDispatcher` (one expert-parallel rank: every expert is here). No rows move: the experts get the tokens
 and the sort, and read row order[p] // k at grouped position p (the scatter kernels read it in place, the
-other backends gather once). The combine puts each output row back in its slot t*k+j and sums the k slots of
-a token weighted by the gates.
+other backends gather once). The combine sums the k outputs of a token weighted by the gates; on the GPU in one
+pass that reads them by index (moe/kernels/rows.py `combine_rows`; backward one pass for the rows and one for
+the gate gradient), elsewhere by putting each row back in its slot t*k+j first.
 
 `AllToAllDispatcher` (expert parallelism over the `ep` ranks of an expert group). Expert e lives on ep rank
 e // E_local as its local expert e % E_local (contiguous blocks), so sorting by global expert also sorts by
@@ -39,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from moe.experts.base import ExpertRows
+from moe.kernels import rows as R
 from moe.kernels.sort import Sorted, sort_by_expert
 from moe.routing import Routing
 from parallel.comm import all_to_all, exchange_counts
@@ -78,6 +80,27 @@ def _weighted_sum(y_slots: torch.Tensor, handle: Handle) -> torch.Tensor:
     return (y_TKD * handle.weights.to(y_slots.dtype).unsqueeze(-1)).sum(1)
 
 
+class GatedCombine(torch.autograd.Function):
+    """y [M, d] grouped, order [M] (the slot at each grouped position), weights [T, k] -> out [T, d]:
+    out[t] = sum_j w[t, j] * y[pos(t, j)], pos the inverse of order. Backward: dy_grouped[p] = w[s] * dy[s // k]
+    (s = order[p]) and dw[t, j] = <y[pos(t, j)], dy[t]>, one Triton pass each."""
+
+    @staticmethod
+    def forward(ctx, y, order, weights):
+        T, k = weights.shape
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        pos = pos.view(T, k)
+        ctx.save_for_backward(y, order, pos, weights)
+        return R.combine_rows(y, pos, weights)
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, order, pos, weights = ctx.saved_tensors
+        dy = dy.contiguous()
+        dy_grouped = R.pad_rows(dy, order, weights.shape[1], weights.reshape(-1))
+        return dy_grouped, None, R.row_dots(y, pos, dy).to(weights.dtype)
+
+
 class LocalDispatcher:
     """Every expert on this rank: the experts read the tokens through the sort, nothing moves."""
 
@@ -91,6 +114,8 @@ class LocalDispatcher:
 
     def combine(self, y: torch.Tensor, handle: Handle) -> torch.Tensor:
         """y [T*k, d] in grouped order -> [T, d]."""
+        if y.is_cuda and handle.kept is None:
+            return GatedCombine.apply(y, handle.sort.order, handle.weights)
         y_slots = torch.empty_like(y).index_copy_(0, handle.sort.order, y)  # slot order t*k+j
         return _weighted_sum(y_slots, handle)
 

@@ -28,6 +28,13 @@ def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place maximum over `group`; a no-op in a single process."""
+    if is_distributed() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
 class _AllToAll(torch.autograd.Function):
     """Uneven all-to-all along dim 0; its backward is the same exchange with the splits swapped."""
 

@@ -7,8 +7,8 @@ RNG order), then hands it to the factory, which returns the module this rank kee
                             e.g. q|k|v, each split separately so a rank keeps whole heads of q, k and v)
     row(linear)             input features split over tp, output all-reduced
     vocab_embedding(emb)    vocabulary rows split over tp, lookups all-reduced
-    head_input(x)           identity forward, all-reduce backward: before the logits of a vocab-split head
-    cross_entropy(logits, targets)  mean token loss of [N, V / tp] logits
+    lm_loss(x, weight, targets, dtype)  the LM head and the mean token loss, fused and chunked
+                            (parallel/cross_entropy.py), vocabulary-parallel over a vocab-split head
     ps                      the ParallelState it was built for (MoE layers take their groups from it)
 
 `Layers` (tp = 1) returns the modules unchanged, so such runs need no megatron-core;
@@ -18,9 +18,9 @@ through parallel/shards.py. `build_layers` picks one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from parallel.cross_entropy import linear_cross_entropy
 from parallel.state import ParallelState
 
 
@@ -41,8 +41,6 @@ class Layers:
     def vocab_embedding(self, embedding: nn.Embedding) -> nn.Module:
         return embedding
 
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets)
+    def lm_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x [N, d], weight [V, d], targets [N] -> mean cross-entropy of x @ weight^T, computed in `dtype`."""
+        return linear_cross_entropy(x, weight, targets, dtype)

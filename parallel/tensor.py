@@ -19,10 +19,10 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 from torch import nn
 
+from parallel.cross_entropy import linear_cross_entropy
 from parallel.layers import Layers
 from parallel.shards import shard, tag_tensor_parallel
 from parallel.state import ParallelState
@@ -94,8 +94,8 @@ class TensorParallelLayers(Layers):
             m = VocabParallelEmbedding(V, d, init_method=_no_init, config=self.config, tp_group=self.group)
         return self._fill(m, embedding.weight, 0)
 
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        return copy_to_tensor_model_parallel_region(x, group=self.group)
-
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, targets).mean()
+    def lm_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Vocabulary-parallel: weight holds this rank's V / tp rows; x enters through megatron-core's copy
+        (identity forward, all-reduce backward), which sums the ranks' partial input gradients."""
+        x = copy_to_tensor_model_parallel_region(x, group=self.group)
+        return linear_cross_entropy(x, weight, targets, dtype, self.group, first=self.tp_rank * weight.shape[0])

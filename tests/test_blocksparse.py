@@ -1,21 +1,21 @@
 """Blocksparse backend: topology on hand-worked cases, each block-sparse product against a dense masked
 torch product, the autograd MLP against dense autograd, and the whole backend against ReferenceExperts."""
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import interpreted
+from moe.config import KernelConfig
+from moe.experts.blocksparse import BlockSparseExperts, _BlockSparseMLP
+from moe.experts.reference import ReferenceExperts
+from moe.kernels import blocksparse as bs
+from moe.kernels import rows as R
+from moe.kernels.sort import sort_by_expert
+from moe.kernels.topology import expert_topology, max_block_rows, padded_destinations, padded_sources, transpose_indices
+from moe.routing import Routing
+from moe_helpers import make_routing, run_experts
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from moe.config import KernelConfig  # noqa: E402
-from moe.experts.blocksparse import BlockSparseExperts, _BlockSparseMLP  # noqa: E402
-from moe.experts.reference import ReferenceExperts  # noqa: E402
-from moe.kernels import blocksparse as bs  # noqa: E402
-from moe.kernels.sort import sort_by_expert  # noqa: E402
-from moe.kernels.topology import expert_topology, max_block_rows, padded_destinations, padded_sources, transpose_indices  # noqa: E402
-from moe.routing import Routing  # noqa: E402
-from moe_helpers import make_routing, run_experts  # noqa: E402
+pytestmark = interpreted
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,18 +104,18 @@ def test_permutation_kernels():
     rows = max_block_rows(T * k, E, B) * B
     src = padded_sources(dest.reshape(-1), rows)
     x, w = torch.randn(T, d), torch.rand(T, k)
-    x_pad = bs.pad_rows(x, src, k)
+    x_pad = R.pad_rows(x, src, k)
     want = torch.zeros(rows, d)
     want[dest.reshape(-1).long()] = x.repeat_interleave(k, 0)
     assert torch.equal(x_pad, want)
-    scaled = bs.pad_rows(x, src, k, scale=w.reshape(-1))
+    scaled = R.pad_rows(x, src, k, scale=w.reshape(-1))
     assert torch.allclose(scaled, want * torch.cat([w.reshape(-1), torch.zeros(1)])[src.long()][:, None])
     y_pad = torch.randn(rows, d)
     gathered = y_pad[dest.long()]  # [T, k, d]
-    assert torch.allclose(bs.combine_rows(y_pad, dest, w), (gathered * w[..., None]).sum(1), atol=1e-5)
-    assert torch.allclose(bs.combine_rows(y_pad, dest), gathered.sum(1), atol=1e-5)
+    assert torch.allclose(R.combine_rows(y_pad, dest, w), (gathered * w[..., None]).sum(1), atol=1e-5)
+    assert torch.allclose(R.combine_rows(y_pad, dest), gathered.sum(1), atol=1e-5)
     g = torch.randn(T, d)
-    assert torch.allclose(bs.row_dots(y_pad, dest, g), (gathered * g[:, None]).sum(-1), atol=1e-4)
+    assert torch.allclose(R.row_dots(y_pad, dest, g), (gathered * g[:, None]).sum(-1), atol=1e-4)
 
 
 def random_counts(E: int, total: int, empty: int | None = None) -> torch.Tensor:

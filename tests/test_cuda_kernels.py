@@ -1,14 +1,12 @@
-"""The GPU-only paths of the Triton kernels: compiled-kernel replay (moe/kernels/launch.py) and the counting
-sort on CUDA. Skipped without a GPU (CI); run on the GPU machine on its own, since test_scatter.py sets
-TRITON_INTERPRET for the whole process: `python -m pytest tests/test_cuda_kernels.py`."""
+"""The Triton kernels compiled on the GPU: compiled-kernel replay (moe/kernels/launch.py), the counting sort, the
+scatter experts and the gated combine against the reference, and a compiled model. Skipped without a GPU (CI);
+on a GPU `bash scripts/test.sh` runs them (tests/conftest.py decides)."""
 import math
-import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                                reason="compiled Triton kernels need a GPU")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")
 
 
 @pytest.mark.parametrize("n,E", [(32768, 64), (131072, 64), (1000, 8), (4097, 256), (77, 512), (5, 1)])
@@ -76,3 +74,57 @@ def test_scatter_experts_on_cuda_match_reference(activation, f):
         for got, want in zip(outs[1], outs[0]):
             err = (got.float() - want).norm() / want.norm()
             assert err < 1e-2, (step, err)
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "padded", "scatter", "blocksparse"])
+def test_compiled_model_on_cuda_equals_eager(backend):
+    """The tiny model of tests/test_compile.py on the GPU in bf16 autocast, eager and with compiled blocks: the
+    same losses over three steps (bf16 tolerance)."""
+    from model.config import ModelConfig
+    from model.gpt import GPT
+    from moe.config import CapacityConfig, KernelConfig, MoEConfig
+
+    extra = {"padded": {"capacity": CapacityConfig(factor=1.0)}, "blocksparse": {"kernels": KernelConfig(64)}}
+    tokens = torch.randint(0, 256, (3, 8, 129), generator=torch.Generator().manual_seed(1)).cuda()
+    losses = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(num_layers=2, hidden_size=128, num_heads=4), MoEConfig(
+            num_experts=8, top_k=2, backend=backend, **extra.get(backend, {})), 256, 128).cuda()
+        if compiled:
+            model.compile_blocks()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        run = []
+        for batch in tokens:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2), losses
+
+
+def test_gated_combine_on_cuda_equals_the_torch_combine():
+    from moe.dispatch import GatedCombine, LocalDispatcher
+    from moe_helpers import make_routing
+
+    T, k, E, d = 1000, 2, 8, 256
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).cuda()
+    w0, y0 = torch.rand(T, k, device="cuda"), torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16)
+    _, handle = LocalDispatcher().dispatch(torch.randn(T, d, device="cuda"), make_routing(ids, w0, E))
+    dout = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused in (False, True):
+        y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if fused:
+            out = GatedCombine.apply(y, handle.sort.order, w)
+        else:  # the torch path of the combine, as on the CPU
+            slots = torch.empty_like(y).index_copy_(0, handle.sort.order, y).view(T, k, d)
+            out = (slots * w.to(y.dtype).unsqueeze(-1)).sum(1)
+        out.backward(dout)
+        results.append((out.float(), y.grad.float(), w.grad.float()))
+    for want, got in zip(*results):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import interpreted
 from moe.capacity import capacity
 from moe.config import CapacityConfig, MoEConfig, RouterConfig
 from moe.experts import backend_class
@@ -218,7 +219,7 @@ def test_skipped_step_clears_counts_without_moving_bias():
     torch.zeros((0, 2), dtype=torch.int64),  # no tokens
     torch.randint(0, 7, (1234, 1), generator=torch.Generator().manual_seed(1)),  # many blocks, a ragged last one
 ], ids=["random", "one_expert", "ends_only", "empty", "many_blocks"])
-@pytest.mark.parametrize("impl", ["torch", "counting"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("counting", marks=interpreted)])
 def test_sort_by_expert_is_a_stable_counting_sort(ids, impl):
     """torch.sort's path (CPU, or many experts) and the Triton counting sort (the GPU's, here interpreted)."""
     from moe.kernels.sort import Sorted, counting_sort, sort_by_expert
@@ -231,3 +232,28 @@ def test_sort_by_expert_is_a_stable_counting_sort(ids, impl):
     assert torch.equal(s.expert_of.long(), flat[ref_order])
     assert s.counts.dtype == s.offsets.dtype == torch.int64
     assert torch.equal(s.counts, counts) and torch.equal(s.offsets, torch.cumsum(counts, 0))
+
+
+@interpreted
+@pytest.mark.parametrize("T,k", [(13, 2), (9, 1), (5, 3)])
+def test_gated_combine_kernel_equals_the_torch_combine(T, k):
+    """The dispatcher's one-pass combine (the GPU's; Triton, here interpreted) against the torch path: output,
+    the rows' gradient and the gates' gradient."""
+    from moe.dispatch import GatedCombine, LocalDispatcher
+
+    torch.manual_seed(T)
+    E, d = 4, 20
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    w0, y0 = torch.rand(T, k), torch.randn(T * k, d)
+    routing = make_routing(ids, w0, E)
+    _, handle = LocalDispatcher().dispatch(torch.randn(T, d), routing)
+    dout = torch.randn(T, d)
+    results = []
+    for fused in (False, True):
+        y, w = y0.clone().requires_grad_(), w0.clone().requires_grad_()
+        h = handle._replace(weights=w)
+        out = GatedCombine.apply(y, h.sort.order, w) if fused else LocalDispatcher().combine(y, h)
+        out.backward(dout)
+        results.append((out.detach(), y.grad, w.grad))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

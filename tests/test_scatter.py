@@ -1,17 +1,16 @@
 """The scatter backend's Triton kernels under the interpreter, against torch and the reference backend."""
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (tests run on CPU)
+from conftest import interpreted
+from moe.experts.reference import ReferenceExperts
+from moe.experts.scatter import ScatterExperts
+from moe.kernels import launch as L
+from moe.kernels import scatter as K
+from moe.kernels.sort import sort_by_expert
+from moe_helpers import make_routing, run_experts
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from moe.experts.reference import ReferenceExperts  # noqa: E402
-from moe.experts.scatter import ScatterExperts  # noqa: E402
-from moe.kernels import launch as L  # noqa: E402
-from moe.kernels import scatter as K  # noqa: E402
-from moe.kernels.sort import sort_by_expert  # noqa: E402
-from moe_helpers import make_routing, run_experts  # noqa: E402
+pytestmark = interpreted
 
 
 def _random_ids(T, k, E, allowed=None):

@@ -12,7 +12,8 @@ Memory per rank (GiB = 2^30 bytes):
                    every layer   s*b*h*(10 + 8/t)           layer norms, residuals, q/k/v and attention output
                    dense MLP     4*s*b*f/t                  fc1 output and activation (f = 4h gives 16 s*b*h/t)
                    MoE MLP       k*s*b*(2*h + 4*f_expert)   permuted inputs, expert hidden and activation
-                   logits        8*s*b*V/t                  fp32 logits and their softmax
+                   logits        4*min(s*b, c)*V/t          one chunk's bf16 logits and gradient (c rows,
+                                                            parallel/cross_entropy.py)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from model.gpt import GPT
+from parallel.cross_entropy import CHUNK_SIZE
 from parallel.layers import Layers
 from parallel.shards import is_tensor_parallel, shard, tag_tensor_parallel
 from parallel.state import ParallelState, check_layout, coordinates
@@ -80,7 +82,8 @@ def report(cfg: Config, plan: RunPlan) -> str:
     num_moe = len(model.moe_layers())
     f_expert = moe.ffn_hidden_size or m.ffn
     act = (m.num_layers * s * b * h * (10 + 8 / tp) + (m.num_layers - num_moe) * 4 * s * b * m.ffn / tp
-           + num_moe * moe.top_k * s * b * (2 * h + 4 * f_expert) + 8 * s * b * vocab_size / tp) / 2**30
+           + num_moe * moe.top_k * s * b * (2 * h + 4 * f_expert)
+           + 4 * min(s * b, CHUNK_SIZE) * vocab_size / tp) / 2**30
 
     accumulation = plan.accumulation
     lines = [f"layout: world {world} = tensor {tp} x expert {ep} x expert-data {world // (tp * ep)}; "

@@ -18,6 +18,7 @@ from torch.autograd import Function
 from moe.config import KernelConfig
 from moe.experts.base import ExpertRows, Experts, activate, compute_dtype
 from moe.kernels import blocksparse as bs
+from moe.kernels import rows as R
 from moe.kernels.topology import Topology, expert_topology, max_block_rows, padded_destinations, padded_sources
 
 
@@ -28,12 +29,12 @@ class _PadGather(Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dest_TK: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(dest_TK)
-        return bs.pad_rows(x, src, dest_TK.shape[1])
+        return R.pad_rows(x, src, dest_TK.shape[1])
 
     @staticmethod
     def backward(ctx, dx_pad: torch.Tensor):
         (dest_TK,) = ctx.saved_tensors
-        return bs.combine_rows(dx_pad, dest_TK), None, None
+        return R.combine_rows(dx_pad, dest_TK), None, None
 
 
 class _Unpad(Function):
@@ -43,12 +44,12 @@ class _Unpad(Function):
     @staticmethod
     def forward(ctx, y_pad: torch.Tensor, dest_M1: torch.Tensor, src: torch.Tensor):
         ctx.save_for_backward(src)
-        return bs.combine_rows(y_pad, dest_M1)
+        return R.combine_rows(y_pad, dest_M1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (src,) = ctx.saved_tensors
-        return bs.pad_rows(dy, src, 1), None, None
+        return R.pad_rows(dy, src, 1), None, None
 
 
 class _BlockSparseMLP(Function):
@@ -61,14 +62,14 @@ class _BlockSparseMLP(Function):
             a = activate(h1, h3, activation)
         else:
             (h1, a), h3 = bs.sdd(x_pad, w1, topo, act=bs.ACT_GELU), None
-        ctx.topo, ctx.activation = topo, activation
-        ctx.save_for_backward(x_pad, w1, w2, w3, h1, h3, a)
+        ctx.sizes, ctx.activation = tuple(topo[:4]), activation
+        ctx.save_for_backward(x_pad, w1, w2, w3, h1, h3, a, *topo[4:])
         return bs.dsd(a, w2, topo)  # [R·B, d]
 
     @staticmethod
     def backward(ctx, dy_pad):
-        x_pad, w1, w2, w3, h1, h3, a = ctx.saved_tensors
-        topo = ctx.topo
+        x_pad, w1, w2, w3, h1, h3, a, *index = ctx.saved_tensors
+        topo = Topology(*ctx.sizes, *index)
         dy_pad = dy_pad.contiguous()
         dw2 = bs.dstd(a, dy_pad, topo)  # DSᵀD [E, f, d]
         dw3 = None
@@ -96,7 +97,6 @@ class BlockSparseExperts(Experts):
                              f"moe.kernels.block_size {self.block_size}; pick a multiple or a smaller block size")
         super().__init__(num_experts, hidden_size, ffn_hidden_size, activation, init_std, output_std, local)
 
-    @torch.compiler.disable  # the topology (a tuple of index tensors) rides through autograd: keep it eager
     def compute(self, rows: ExpertRows) -> torch.Tensor:
         srt, k, B, E = rows.sort, rows.top_k, self.block_size, self.num_experts
         M = rows.num_rows

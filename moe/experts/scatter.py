@@ -39,7 +39,19 @@ def xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: torch.T
     if not grouped_mm:
         return K.group_xty(x, dy, tokens, counts, ends, x_scattered)
     assert not x_scattered, "torch._grouped_mm reads x in expert order"
+    return grouped_mm_xty(x, dy, ends)
+
+
+@torch.library.custom_op("moetron::grouped_mm_xty", mutates_args=())
+def grouped_mm_xty(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x^T, dy) over the groups ending at `ends`, as an op of its own: torch._grouped_mm wants
+    16-byte aligned group strides, which the row-major x and dy have, but a compiled graph may lay out x^T anew."""
     return torch._grouped_mm(x.t(), dy, offs=ends)
+
+
+@grouped_mm_xty.register_fake
+def _(x, dy, ends):
+    return x.new_empty(ends.shape[0], x.shape[1], dy.shape[1])
 
 
 def _sum_slots(y: torch.Tensor, T: int, k: int) -> torch.Tensor:

@@ -16,20 +16,22 @@ Dense operands are masked, so d and T need not be multiples of anything; f must 
 Every kernel accumulates in fp32. Grids are sized from the static bound R on block rows; programs past
 the rows in use return at once. Dense-output tiles of an empty block column are written as zeros.
 
-The padded permutation (rows into the padded layout, the gated un-permute and the gate gradient) is three
-small memory-bound kernels at the end of this file.
+The rows go into and out of the padded layout through moe/kernels/rows.py. Each launcher is a torch.library
+custom op taking the topology as its sizes and index tensors (opaque to torch.compile, with fake shapes).
 
 Under TRITON_INTERPRET=1 each kernel runs with one fixed configuration; on a GPU the products are autotuned
 over configurations chosen for B = 128 (B = 64 and smaller work, with BLOCK_K = B where B < 64).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from moe.kernels.activations import gelu_grad, gelu_sigmoid
-from moe.kernels.launch import INTERPRET, autotune, cdiv, launch, launch_tuned, next_pow2
+from moe.kernels.launch import autotune, cdiv, launch_tuned
 from moe.kernels.topology import Topology
 
 ACT_NONE, ACT_GELU, ACT_GELU_GRAD = 0, 1, 2
@@ -210,9 +212,17 @@ def sdd(a: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = Fal
     """S ⊙ (a · Wcat) -> data [R·F, B, B].
 
     a [M, K] with M >= R·B. w [E, K, f] (Wcat = W1cat), or with trans_w w [E, f, K] (Wcat = W2catᵀ).
-    act=ACT_GELU also writes GELU(H) into aux (allocated here when None); act=ACT_GELU_GRAD reads H from
-    aux and returns acc ⊙ GELU'(H). Blocks of unused rows are left unwritten.
+    act=ACT_GELU returns (H, GELU(H)); act=ACT_GELU_GRAD reads H from aux and returns acc ⊙ GELU'(H). Blocks
+    of unused rows are left unwritten.
     """
+    out = _sdd(a, w, *_args(topo), trans_w, act, aux)
+    return tuple(out) if act == ACT_GELU else out[0]
+
+
+@torch.library.custom_op("moetron::bs_sdd", mutates_args=())
+def _sdd(a: torch.Tensor, w: torch.Tensor, sizes: list[int], index: list[torch.Tensor], trans_w: bool, act: int,
+         aux: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    topo = Topology(*sizes, *index)
     B, F = topo.block_size, topo.blocks_per_row
     K = a.shape[1]
     out = a.new_empty(_nnz(topo), B, B)
@@ -226,7 +236,14 @@ def sdd(a: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = Fal
                  (a, w, out, out if aux is None else aux, topo.row_indices, topo.column_indices, topo.num_block_rows),
                  (K, F, a.stride(0), a.stride(1), sbe, sbk, sbn), dict(BLOCK=B, ACT=act),
                  interpret=_interpret(B, NB=2 if F % 2 == 0 else 1))
-    return (out, aux) if act == ACT_GELU else out
+    return [out, aux] if act == ACT_GELU else [out]
+
+
+@_sdd.register_fake
+def _(a, w, sizes, index, trans_w, act, aux):
+    B, _, F, R = sizes
+    out = a.new_empty(R * F, B, B)
+    return [out, torch.empty_like(out)] if act == ACT_GELU else [out]
 
 
 def dsd(data: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = False) -> torch.Tensor:
@@ -234,6 +251,13 @@ def dsd(data: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = 
 
     w [E, f, N] (Wcat = W2cat), or with trans_w w [E, N, f] (Wcat = W1catᵀ).
     """
+    return _dsd(data, w, *_args(topo), trans_w)
+
+
+@torch.library.custom_op("moetron::bs_dsd", mutates_args=())
+def _dsd(data: torch.Tensor, w: torch.Tensor, sizes: list[int], index: list[torch.Tensor],
+         trans_w: bool) -> torch.Tensor:
+    topo = Topology(*sizes, *index)
     B = topo.block_size
     N = w.shape[1] if trans_w else w.shape[2]
     out = data.new_empty(topo.max_block_rows * B, N)
@@ -249,6 +273,11 @@ def dsd(data: torch.Tensor, w: torch.Tensor, topo: Topology, *, trans_w: bool = 
     return out
 
 
+@_dsd.register_fake
+def _(data, w, sizes, index, trans_w):
+    return data.new_empty(sizes[0] * sizes[3], w.shape[1] if trans_w else w.shape[2])
+
+
 def _dstd(data: torch.Tensor, d: torch.Tensor, topo: Topology, out: torch.Tensor, d_strides, out_strides, N):
     def grid(meta):
         return (topo.num_block_cols * cdiv(N, meta["BLOCK_N"]),)
@@ -262,128 +291,47 @@ def _dstd(data: torch.Tensor, d: torch.Tensor, topo: Topology, out: torch.Tensor
 
 def dstd(data: torch.Tensor, d: torch.Tensor, topo: Topology) -> torch.Tensor:
     """DSᵀD: Sᵀ · d for d [M, N] (M >= R·B) -> [E, f, N], the layout of w2 (dW2 = Aᵀ · dY)."""
-    E, f, N = topo.num_experts, topo.blocks_per_row * topo.block_size, d.shape[1]
-    out = d.new_empty(E, f, N)
-    return _dstd(data, d, topo, out, d.stride(), out.stride(), N)
+    return _column_walk(data, d, *_args(topo), "dstd")
 
 
 def ddts(d: torch.Tensor, data: torch.Tensor, topo: Topology) -> torch.Tensor:
     """DDᵀS: dᵀ · S for d [M, N] (M >= R·B) -> [E, N, f], the layout of w1 (dW1 = Xᵀ · dH).
 
     Computed as (Sᵀ · d)ᵀ: the same column walk as DSᵀD, stored transposed."""
-    E, f, N = topo.num_experts, topo.blocks_per_row * topo.block_size, d.shape[1]
-    out = d.new_empty(E, N, f)
-    return _dstd(data, d, topo, out, d.stride(), (out.stride(0), out.stride(2), out.stride(1)), N)
+    return _column_walk(data, d, *_args(topo), "ddts")
 
 
 def dds(d: torch.Tensor, data: torch.Tensor, topo: Topology) -> torch.Tensor:
     """DDS: d · S for d [N, M] (M >= R·B) -> [N, E·f], computed as (Sᵀ · dᵀ)ᵀ."""
-    N = d.shape[0]
-    out = d.new_empty(N, topo.num_block_cols * topo.block_size)
+    return _column_walk(data, d, *_args(topo), "dds")
+
+
+def _walk_shape(d: torch.Tensor, sizes: list[int], kind: str) -> tuple[int, ...]:
+    B, E, F, _ = sizes
+    f = F * B
+    return {"dstd": (E, f, d.shape[1]), "ddts": (E, d.shape[1], f), "dds": (d.shape[0], E * f)}[kind]
+
+
+@torch.library.custom_op("moetron::bs_column_walk", mutates_args=())
+def _column_walk(data: torch.Tensor, d: torch.Tensor, sizes: list[int], index: list[torch.Tensor],
+                 kind: str) -> torch.Tensor:
+    """The three products that walk the block columns: DSᵀD, DDᵀS and DDS (above)."""
+    topo = Topology(*sizes, *index)
+    out = d.new_empty(_walk_shape(d, sizes, kind))
+    if kind == "dstd":
+        return _dstd(data, d, topo, out, d.stride(), out.stride(), d.shape[1])
+    if kind == "ddts":
+        return _dstd(data, d, topo, out, d.stride(), (out.stride(0), out.stride(2), out.stride(1)), d.shape[1])
     f = topo.blocks_per_row * topo.block_size
-    return _dstd(data, d, topo, out, (d.stride(1), d.stride(0)), (f * out.stride(1), out.stride(1),
-                                                                    out.stride(0)), N)
+    return _dstd(data, d, topo, out, (d.stride(1), d.stride(0)), (f * out.stride(1), out.stride(1), out.stride(0)),
+                 d.shape[0])
 
 
-# ---- the padded permutation: rows in and out of the padded layout, gates fused (memory-bound, one pass each)
+@_column_walk.register_fake
+def _(data, d, sizes, index, kind):
+    return d.new_empty(_walk_shape(d, sizes, kind))
 
 
-@triton.jit
-def _pad_rows_kernel(x_ptr, src_ptr, scale_ptr, out_ptr, D, k, stride_x, stride_o,
-                     HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[p] = scale[src[p]] · x[src[p] // k] for a real row (src[p] >= 0), zeros for a padding row."""
-    p = tl.program_id(0)
-    s = tl.load(src_ptr + p)
-    read_d = tl.where(s >= 0, D, 0)  # a padding row reads nothing (row 0, masked off) and stores zeros
-    s = tl.maximum(s, 0)
-    x_row = x_ptr + (s // k).to(tl.int64) * stride_x
-    out_row = out_ptr + p.to(tl.int64) * stride_o
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + s).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        v = tl.load(x_row + offs, mask=offs < read_d, other=0.0)
-        if HAS_SCALE:
-            v = v.to(tl.float32) * scale
-        tl.store(out_row + offs, v.to(out_ptr.dtype.element_ty), mask=offs < D)
-
-
-@triton.jit
-def _combine_rows_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, D, k, stride_y, stride_o,
-                         HAS_W: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t] = Σ_j w[t, j] · y[dest[t, j]] (w = 1 without HAS_W), accumulated in fp32."""
-    t = tl.program_id(0)
-    offs_j = tl.arange(0, KP)
-    mask_j = offs_j < k
-    rows = tl.load(dest_ptr + t * k + offs_j, mask=mask_j, other=0).to(tl.int64)
-    if HAS_W:
-        w = tl.load(w_ptr + t * k + offs_j, mask=mask_j, other=0.0).to(tl.float32)
-    else:
-        w = mask_j.to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        tile = tl.load(y_ptr + rows[:, None] * stride_y + offs[None, :],
-                       mask=mask_j[:, None] & (offs < D)[None, :], other=0.0)  # [KP, BLOCK_D]
-        acc = tl.sum(tile.to(tl.float32) * w[:, None], axis=0)
-        tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < D)
-
-
-@triton.jit
-def _row_dots_kernel(y_ptr, dest_ptr, g_ptr, out_ptr, D, k, stride_y, stride_g,
-                     KP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t, j] = ⟨y[dest[t, j]], g[t]⟩ in fp32 (the gate gradient)."""
-    t = tl.program_id(0)
-    offs_j = tl.arange(0, KP)
-    mask_j = offs_j < k
-    rows = tl.load(dest_ptr + t * k + offs_j, mask=mask_j, other=0).to(tl.int64)
-    acc = tl.zeros((KP,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        tile = tl.load(y_ptr + rows[:, None] * stride_y + offs[None, :],
-                       mask=mask_j[:, None] & (offs < D)[None, :], other=0.0)
-        g = tl.load(g_ptr + t.to(tl.int64) * stride_g + offs, mask=offs < D, other=0.0)
-        acc += tl.sum(tile.to(tl.float32) * g.to(tl.float32)[None, :], axis=1)
-    tl.store(out_ptr + t * k + offs_j, acc, mask=mask_j)
-
-
-_ROW_OPTIONS = (("num_warps", 4),)
-
-
-def _row_meta(D: int, k: int = 1) -> dict:
-    return dict(KP=max(2, next_pow2(k)), BLOCK_D=min(next_pow2(D), 64 if INTERPRET else 1024))
-
-
-def pad_rows(x: torch.Tensor, src: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, d] -> [len(src), d]: row p = scale[src[p]] · x[src[p] // k], or zeros where src[p] < 0.
-
-    src [rows] int32 (`padded_sources`); scale [T·k] (the gates in slot order) or None."""
-    x = x.contiguous()
-    out = x.new_empty(src.numel(), x.shape[1])
-    meta = _row_meta(x.shape[1])
-    launch(_pad_rows_kernel, (src.numel(),), (x, src, x if scale is None else scale, out),
-           (x.shape[1], k, x.stride(0), out.stride(0)), dict(HAS_SCALE=scale is not None, BLOCK_D=meta["BLOCK_D"]),
-           _ROW_OPTIONS)
-    return out
-
-
-def combine_rows(y: torch.Tensor, dest_TK: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = Σ_j weights[t, j] · y[dest[t, j]] -> [T, d] (a plain sum without weights)."""
-    T, k = dest_TK.shape
-    y = y.contiguous()
-    out = y.new_empty(T, y.shape[1])
-    if T:
-        launch(_combine_rows_kernel, (T,), (y, dest_TK, y if weights is None else weights, out),
-               (y.shape[1], k, y.stride(0), out.stride(0)), dict(HAS_W=weights is not None, **_row_meta(y.shape[1], k)),
-               _ROW_OPTIONS)
-    return out
-
-
-def row_dots(y: torch.Tensor, dest_TK: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """out[t, j] = ⟨y[dest[t, j]], g[t]⟩ -> [T, k] fp32."""
-    T, k = dest_TK.shape
-    y, g = y.contiguous(), g.contiguous()
-    out = torch.empty(T, k, dtype=torch.float32, device=y.device)
-    if T:
-        launch(_row_dots_kernel, (T,), (y, dest_TK, g, out), (y.shape[1], k, y.stride(0), g.stride(0)),
-               _row_meta(y.shape[1], k), _ROW_OPTIONS)
-    return out
+def _args(topo: Topology) -> tuple[list[int], list[torch.Tensor]]:
+    """A topology as custom-op arguments: its sizes (B, E, F, R) and its index tensors."""
+    return list(topo[:4]), list(topo[4:])

@@ -28,6 +28,7 @@ slower on the GPU: its registers forced 128x128 tiles where the plain GEMM runs 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -276,23 +277,62 @@ def _launch_mm(x, w, w_2, y, h, a, order, counts, top_k, num_rows, K, N,
         config, _MM_INTERPRET)
 
 
+def _scatter_mm(x, w, order, counts, top_k, scattered_in, scattered_out, w_2=None, config=None) -> torch.Tensor:
+    num_rows, (_, K, N) = order.numel(), w.shape
+    assert scattered_in or x.shape[0] == num_rows, "a grouped input has T*k rows"
+    y = x.new_empty(num_rows, N)
+    _launch_mm(x, w, w_2, y, None, None, order, counts, top_k, num_rows, K, N,
+               scattered_in, scattered_out, EPI_PLAIN, w_2 is not None, config)
+    return y
+
+
+def _act_bwd(da, h, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    num_rows, N = da.shape
+    dh, a = torch.empty_like(h), torch.empty_like(da)
+    glu = h.shape[1] == 2 * N
+    rows_key = _rows_key(num_rows)
+    launch_tuned(_act_bwd_kernel, lambda meta: (cdiv(num_rows, meta["BM"]),), (rows_key, N, glu, da.dtype),
+                 (da, h, dh, a), (num_rows, rows_key, N, da.stride(0), h.stride(0)),
+                 dict(GLU=glu, ACC=_acc_type(da)), config, _ACT_INTERPRET)
+    return dh, a
+
+
+def _group_xty(x, dy, tokens, counts, ends, x_scattered, config=None) -> torch.Tensor:
+    E, K, N, rows_key = counts.numel(), x.shape[1], dy.shape[1], _rows_key(tokens.numel())
+    dw = x.new_empty(E, K, N)
+    grid = lambda meta: (E * cdiv(K, meta["BK"]) * cdiv(N, meta["BN"]),)
+    launch_tuned(
+        _group_xty_kernel, grid, (rows_key, N, K, x_scattered, x.dtype, dy.dtype),
+        (x, dy, dw, tokens, counts, ends),
+        (rows_key, N, K, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+         dw.stride(0), dw.stride(1), dw.stride(2)),
+        dict(X_SCATTERED=x_scattered, ACC=_acc_type(x)), config, _XTY_INTERPRET)
+    return dw
+
+
+# ---- the launchers as torch.library custom ops: opaque to torch.compile, with the shapes of their outputs
+# (fake implementations), so a compiled block keeps these kernels and their compiled-kernel replay as they are.
+# The `_`-prefixed functions above take a fixed triton.Config instead of autotuning (benchmarks/sweep_scatter.py).
+
+@torch.library.custom_op("moetron::scatter_mm", mutates_args=())
 def scatter_mm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, top_k: int,
-               scattered_in: bool, scattered_out: bool, w_2: torch.Tensor | None = None) -> torch.Tensor:
+               scattered_in: bool, scattered_out: bool, w_2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Y[out(p)] = X[in(p)] @ W[e_p] (+ X[in(p), K:] @ W_2[e_p] when w_2 is given).
 
     x: [T, K] if scattered_in else [T*k, K] (grouped; [T*k, 2K] with w_2); w, w_2: [E, K, N] (any strides,
     so a transposed view serves the input gradient); order [T*k] int64; counts [E] int64. Returns [T*k, N] in
     slot order if scattered_out else in sorted order.
     """
-    num_rows, (_, K, N) = order.numel(), w.shape
-    assert scattered_in or x.shape[0] == num_rows, "a grouped input has T*k rows"
-    y = x.new_empty(num_rows, N)
-    _launch_mm(x, w, w_2, y, None, None, order, counts, top_k, num_rows, K, N,
-               scattered_in, scattered_out, EPI_PLAIN, w_2 is not None)
-    return y
+    return _scatter_mm(x, w, order, counts, top_k, scattered_in, scattered_out, w_2)
 
 
-def mlp_in_fwd(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, order: torch.Tensor,
+@scatter_mm.register_fake
+def _(x, w, order, counts, top_k, scattered_in, scattered_out, w_2=None):
+    return x.new_empty(order.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moetron::mlp_in_fwd", mutates_args=())
+def mlp_in_fwd(x: torch.Tensor, w1: torch.Tensor, w3: Optional[torch.Tensor], order: torch.Tensor,
                counts: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer 1 scattered->grouped with the activation fused: x [T, d] -> h [T*k, f] (or [h1 | h3] [T*k, 2f]
     for SwiGLU, w3 given), a = act(h) [T*k, f], both in sorted order."""
@@ -304,18 +344,37 @@ def mlp_in_fwd(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, order
     return h, a
 
 
-def act_bwd(da: torch.Tensor, h: torch.Tensor,
-            config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@mlp_in_fwd.register_fake
+def _(x, w1, w3, order, counts, top_k):
+    M, N = order.shape[0], w1.shape[2]
+    return x.new_empty(M, 2 * N if w3 is not None else N), x.new_empty(M, N)
+
+
+@torch.library.custom_op("moetron::act_bwd", mutates_args=())
+def act_bwd(da: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward through the activation, rows in sorted order: da = dL/d(act) [T*k, f], h as from `mlp_in_fwd`
     ([T*k, f], or [T*k, 2f] for SwiGLU) -> dh (shaped like h) and act(h) [T*k, f]."""
-    num_rows, N = da.shape
-    dh, a = torch.empty_like(h), torch.empty_like(da)
-    glu = h.shape[1] == 2 * N
-    rows_key = _rows_key(num_rows)
-    launch_tuned(_act_bwd_kernel, lambda meta: (cdiv(num_rows, meta["BM"]),), (rows_key, N, glu, da.dtype),
-                 (da, h, dh, a), (num_rows, rows_key, N, da.stride(0), h.stride(0)),
-                 dict(GLU=glu, ACC=_acc_type(da)), config, _ACT_INTERPRET)
-    return dh, a
+    return _act_bwd(da, h)
+
+
+@act_bwd.register_fake
+def _(da, h):
+    return torch.empty_like(h), torch.empty_like(da)
+
+
+@torch.library.custom_op("moetron::group_xty", mutates_args=())
+def group_xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
+              x_scattered: bool) -> torch.Tensor:
+    """dW[e] = sum over e's sorted positions p of X[row(p)]^T dY[p] -> [E, K, N], dy [T*k, N] grouped.
+
+    row(p) = tokens[p] (= order[p] // k, int64) when x is scattered, p when grouped;
+    ends = cumsum(counts). Empty experts get zeros."""
+    return _group_xty(x, dy, tokens, counts, ends, x_scattered)
+
+
+@group_xty.register_fake
+def _(x, dy, tokens, counts, ends, x_scattered):
+    return x.new_empty(counts.shape[0], x.shape[1], dy.shape[1])
 
 
 def mlp_out_bwd(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
@@ -324,21 +383,3 @@ def mlp_out_bwd(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, order: torc
     `mlp_in_fwd` -> dh (shaped like h) and act(h) [T*k, f]."""
     da = scatter_mm(dy, w2.transpose(1, 2), order, counts, top_k, scattered_in=False, scattered_out=False)
     return act_bwd(da, h)
-
-
-def group_xty(x: torch.Tensor, dy: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
-              x_scattered: bool, config: triton.Config | None = None) -> torch.Tensor:
-    """dW[e] = sum over e's sorted positions p of X[row(p)]^T dY[p] -> [E, K, N], dy [T*k, N] grouped.
-
-    row(p) = tokens[p] (= order[p] // k, int64) when x is scattered, p when grouped;
-    ends = cumsum(counts). Empty experts get zeros. `config` replaces autotuning (for benchmarks/sweep_scatter.py)."""
-    E, K, N, rows_key = counts.numel(), x.shape[1], dy.shape[1], _rows_key(tokens.numel())
-    dw = x.new_empty(E, K, N)
-    grid = lambda meta: (E * cdiv(K, meta["BK"]) * cdiv(N, meta["BN"]),)
-    launch_tuned(
-        _group_xty_kernel, grid, (rows_key, N, K, x_scattered, x.dtype, dy.dtype),
-        (x, dy, dw, tokens, counts, ends),
-        (rows_key, N, K, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-         dw.stride(0), dw.stride(1), dw.stride(2)),
-        dict(X_SCATTERED=x_scattered, ACC=_acc_type(x)), config, _XTY_INTERPRET)
-    return dw

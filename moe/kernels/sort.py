@@ -87,9 +87,12 @@ def _place_kernel(ids_ptr, hist_ptr, order_ptr, expert_of_ptr, counts_ptr, ends_
         tl.store(ends_ptr + offs_e, ends.to(tl.int64), mask=offs_e < E)
 
 
-def counting_sort(ids: torch.Tensor, num_experts: int, key_type: torch.dtype):
+@torch.library.custom_op("moetron::counting_sort", mutates_args=())
+def counting_sort(ids: torch.Tensor, num_experts: int,
+                  key_type: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [n] int in [0, E) -> (order [n] int64, sorted ids [n] key_type, counts [E] int64, ends [E] int64):
-    the stable sort of `ids` and its group sizes and ends (inclusive cumulative counts)."""
+    the stable sort of `ids` and its group sizes and ends (inclusive cumulative counts). A custom op: opaque to
+    torch.compile, which sees only the output shapes (below)."""
     n, e_pow2 = ids.numel(), next_pow2(num_experts)
     sub = nb = max(16, 8192 // e_pow2)  # keys per one-hot chunk; most blocks (hist [nb, E] is read whole)
     block = sub * next_pow2(cdiv(n, sub * nb))  # keys per program
@@ -106,3 +109,10 @@ def counting_sort(ids: torch.Tensor, num_experts: int, key_type: torch.dtype):
     launch(_place_kernel, (num_blocks,), (ids, hist, order, expert_of, counts, ends), (n, num_blocks),
            {"E": num_experts, "E_POW2": e_pow2, "NB": nb, "BLOCK": block, "SUB": sub})
     return order, expert_of, counts, ends
+
+
+@counting_sort.register_fake
+def _(ids, num_experts, key_type):
+    n = ids.shape[0]
+    counts = ids.new_empty(num_experts, dtype=torch.int64)
+    return ids.new_empty(n, dtype=torch.int64), ids.new_empty(n, dtype=key_type), counts, torch.empty_like(counts)
