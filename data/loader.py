@@ -77,6 +77,48 @@ def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_va
                               f"{prefix}; give it a larger share, or use a corpus with more documents")
 
 
+def plain_npy_problem(path: str) -> str | None:
+    """What makes `path` other than a plain numeric .npy array as numpy writes it, or None: object arrays hold
+    pickles (megatron-core loads its index cache with allow_pickle=True, so such a file would run code)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return f"a .npy of format version {version}, which numpy's default writer does not produce"
+            shape, _, dtype = read_header(f)  # parsed as a literal, nothing unpickled
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError) as error:
+        return f"not a .npy array ({error})"
+    if dtype.hasobject:
+        return f"an array of {dtype} (pickled objects)"
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if os.path.getsize(path) != expected:
+        return f"{os.path.getsize(path)} bytes where its header promises {expected} (truncated or altered)"
+    return None
+
+
+def distrust_index_cache(cache_dir: str) -> None:
+    """Remove every sample-index cache file of `cache_dir` that is not a plain numeric array, with the other files
+    of the same dataset (megatron-core then rebuilds them), saying so: a cache is shared and can be tampered with."""
+    if not os.path.isdir(cache_dir):
+        return
+    for name in sorted(os.listdir(cache_dir)):
+        path = os.path.join(cache_dir, name)
+        if not name.endswith(".npy") or not os.path.exists(path):
+            continue
+        problem = plain_npy_problem(path)
+        if problem is None:
+            continue
+        stem = name.rsplit("-", 1)[0]  # <hash>-<class>-<split>: the dataset's files
+        siblings = [n for n in os.listdir(cache_dir) if n.startswith(stem + "-")]
+        log.warning("data: %s is %s; removing %s so that the sample index is rebuilt", path, problem,
+                    ", ".join(siblings))
+        for sibling in siblings:
+            os.remove(os.path.join(cache_dir, sibling))
+
+
 @contextlib.contextmanager
 def _process_group_for_blending() -> Iterator[None]:
     """megatron-core's BlendedDataset asks torch.distributed for the rank: lend it a one-process gloo group when
@@ -117,9 +159,12 @@ class GPTData:
                               "[weight, prefix, weight, prefix, ...]") from error
         if len(prefixes) == 1:
             weights = None  # one dataset: no blending needed, whatever its weight
+        cache_dir = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # rank 0 writes the cache
+            distrust_index_cache(cache_dir)
         config = GPTDatasetConfig(
             random_seed=seed, sequence_length=cfg.seq_length, blend=(prefixes, weights), split=cfg.split,
-            path_to_cache=cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache"),
+            path_to_cache=cache_dir,
             tokenizer=_TokenizerView(tokenizer.info), reset_position_ids=False, reset_attention_mask=False,
             eod_mask_loss=False, create_attention_mask=False)
         # Only train and valid are used; the test share stays held out of both.

@@ -88,7 +88,12 @@ def straight(tmp_path_factory) -> tuple[Path, list[float]]:
 
 
 def steps_on_disk(run: Path) -> list[str]:
-    return sorted(p.name for p in (run / "checkpoints").iterdir())
+    """The checkpoint folders and the latest pointer (not the lineage record)."""
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name != "lineage.json")
+
+
+def latest_of(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().split()[0]
 
 
 # ---------------------------------------------------------------------------------------------- layout, exact resume
@@ -97,7 +102,7 @@ def test_layout_keep_and_latest(straight):
     run, losses = straight
     assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
     assert steps_on_disk(run) == ["latest", "step-12", "step-9"]
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step-12"
+    assert latest_of(run) == "step-12"
     folder = run / "checkpoints" / "step-12"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {".metadata", "meta.json", "rng-0.json"} <= set(manifest["files"])
@@ -175,6 +180,90 @@ def test_damaged_checkpoint_is_named_and_auto_falls_back(copied, capsys, damage,
     assert "falling back to" in capsys.readouterr().out
 
 
+def _reseal(folder: Path) -> None:
+    """Rewrite the manifest to match the files: what whoever hands you a checkpoint can do."""
+    from train.checkpoint_storage import _file_entry
+    files = {p.name: _file_entry(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    (folder / "manifest.json").write_text(json.dumps({"step": 12, "files": files}))
+
+
+class _Payload:
+    """Unpickling this creates a marker file: a stand-in for any code a tampered file could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _poison_metadata(folder: Path) -> None:
+    import pickle
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(folder.parent.parent / "marker")))
+
+
+@pytest.mark.parametrize("damage, names, message", [
+    (lambda f: (f / "meta.json").write_text("{not json"), "meta.json", "is not valid JSON"),
+    (lambda f: (f / "meta.json").write_text(""), "meta.json", "is not valid JSON"),
+    (lambda f: (f / "meta.json").write_text('{"step": 12}'), "meta.json", "has no valid 'layout'"),
+    (lambda f: (f / "meta.json").write_text("[12]"), "meta.json", "holds a list"),
+    (lambda f: (f / "rng-0.json").write_bytes(b"\xff\xfe\x00binary"), "rng-0.json", "is not valid JSON"),
+    (lambda f: (f / "rng-0.json").write_text('{"python": 1}'), "rng-0.json", "lacks the generator states"),
+    (_poison_metadata, ".metadata", "holds a pickled io.open, which DCP metadata never holds"),
+], ids=["meta-syntax", "meta-empty", "meta-no-layout", "meta-list", "rng-binary", "rng-fields", "pickle-payload"])
+def test_damaged_file_with_a_consistent_manifest_is_named(copied, capsys, damage, names, message):
+    """Each file the loader reads, damaged and the manifest rewritten to match: one CheckpointError naming the
+    file (no traceback from json, pickle or the loader), nothing run, and auto falls back past it."""
+    folder = copied / "checkpoints" / "step-12"
+    damage(folder)
+    _reseal(folder)
+    trainer = make_trainer(copied)
+    with pytest.raises(CheckpointError, match=message) as err:
+        trainer.load_checkpoint(folder)
+    assert str(folder / names) in str(err.value) and "\n" not in str(err.value)
+    assert not (copied / "marker").exists()
+    assert trainer.checkpointer.resolve("auto") == copied / "checkpoints" / "step-9"
+    assert "falling back to" in capsys.readouterr().out
+
+
+def test_manifest_entries_of_the_wrong_type_or_outside_the_folder(copied):
+    folder = copied / "checkpoints" / "step-12"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    trainer = make_trainer(copied)
+    for files, message in (([1, 2], "not a mapping"), ({"meta.json": "abc"}, "not {bytes, sha256}"),
+                           ({"../../x": {"bytes": 1, "sha256": "0"}}, "outside the checkpoint folder")):
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+        with pytest.raises(CheckpointError, match=message):
+            trainer.checkpointer.resolve(str(folder))
+
+
+def test_resume_path_refuses_an_unfinished_save(copied):
+    tmp = copied / "checkpoints" / "step-15.tmp"
+    shutil.copytree(copied / "checkpoints" / "step-12", tmp)
+    with pytest.raises(CheckpointError, match="is not a step-N folder"):
+        make_trainer(copied).checkpointer.resolve(str(tmp))
+
+
+def test_auto_follows_the_lineage_of_latest(tmp_path, capsys):
+    """Run A saves 3, 6, 9, 12; run B resumes from step-6 and saves 9 (latest). With B's step-9 damaged, auto
+    takes A's step-6 (where B came from), not A's stale step-12 (forward of latest) nor A's step-9 (not on B's
+    lineage)."""
+    resume_and_run(tmp_path, "checkpoint.keep=5")
+    b = make_trainer(tmp_path, "checkpoint.keep=5", "train.steps=9")
+    b.load_checkpoint(tmp_path / "checkpoints" / "step-6")
+    b.run()
+    meta = json.loads((tmp_path / "checkpoints" / "step-9" / "meta.json").read_text())
+    assert meta["run_id"] == b.checkpointer.run_id and meta["parent"]["step"] == 6
+    assert latest_of(tmp_path) == "step-9" and (tmp_path / "checkpoints" / "step-12").is_dir()
+    os.truncate(_data_file(tmp_path / "checkpoints" / "step-9"), 10)
+    capsys.readouterr()
+    assert make_trainer(tmp_path).checkpointer.resolve("auto") == tmp_path / "checkpoints" / "step-6"
+    out = capsys.readouterr().out
+    assert "skipping" in out and "step-12" not in out
+    os.truncate(_data_file(tmp_path / "checkpoints" / "step-6"), 10)
+    assert make_trainer(tmp_path).checkpointer.resolve("auto") == tmp_path / "checkpoints" / "step-3"
+
+
 def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -237,7 +326,7 @@ def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(copied, monkey
     with pytest.raises(CheckpointError, match=r"step 15 failed .*No space left on device.*step-12 is intact"):
         trainer.run()
     assert steps_on_disk(copied) == ["latest", "step-12", "step-9"]  # no step-15, no step-15.tmp
-    assert (copied / "checkpoints" / "latest").read_text().strip() == "step-12"
+    assert latest_of(copied) == "step-12"
     assert {p.name: p.stat().st_mtime_ns for p in (copied / "checkpoints" / "step-12").iterdir()} == before
     monkeypatch.undo()
     assert make_trainer(copied).checkpointer.resolve("auto") == copied / "checkpoints" / "step-12"
@@ -266,7 +355,7 @@ def test_unwritable_folder_fails_loudly_and_keeps_the_previous_checkpoint(copied
         with pytest.raises(CheckpointError, match=r"step 13 failed .*step-12 is intact.*make .* writable"):
             trainer.run()
     assert steps_on_disk(copied) == ["latest", "step-12", "step-9"]
-    assert (copied / "checkpoints" / "latest").read_text().strip() == "step-12"
+    assert latest_of(copied) == "step-12"
     assert make_trainer(copied).checkpointer.resolve("auto") == copied / "checkpoints" / "step-12"
 
 

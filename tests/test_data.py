@@ -192,3 +192,44 @@ def test_embedded_corpus_with_the_default_config(tmp_path, monkeypatch):
     text = load_tokenizer("corpus/tokenizer.model", "sentencepiece").decode(batch[0].tolist())
     assert text.count("\n") > 20 and len(text) > 2000
     assert os.listdir(tmp_path)  # the sample index was cached where data.cache_dir says
+
+
+class _Payload:
+    """Unpickling this creates a marker file: a stand-in for any code a tampered file could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_poisoned_index_cache_runs_no_code_and_is_rebuilt(corpus, tokenizer, tmp_path, caplog):
+    """A sample-index cache file replaced by a pickle payload (megatron-core loads the cache with allow_pickle)
+    is removed, named in a warning, and rebuilt; the marker the payload would create never appears."""
+    cfg = config([corpus], tokenizer, cache_dir=str(tmp_path / "cache"))
+    first = next(GPTData(cfg, seed=1, train_samples=64, valid_samples=0).train_batches(0, 4, 1))
+    index = sorted((tmp_path / "cache").glob("*-train-document_index.npy"))
+    assert index
+    marker = tmp_path / "marker"
+    np.save(index[0], np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    with caplog.at_level("WARNING"):
+        data = GPTData(cfg, seed=1, train_samples=64, valid_samples=0)
+        again = next(data.train_batches(0, 4, 1))
+    assert not marker.exists()
+    assert str(index[0]) in caplog.text and "pickled objects" in caplog.text
+    assert torch.equal(again, first)  # rebuilt the same
+
+
+@pytest.mark.parametrize("content, words", [(b"garbage", "not a .npy array"), (None, "truncated or altered")])
+def test_damaged_index_cache_file_is_named_and_rebuilt(tmp_path, content, words):
+    from data.loader import distrust_index_cache, plain_npy_problem
+    good = tmp_path / "h-GPTDataset-train-document_index.npy"
+    np.save(good, np.arange(10, dtype=np.int32))
+    (tmp_path / "h-GPTDataset-train-description.txt").write_text("{}")
+    (tmp_path / "other-GPTDataset-valid-document_index.npy").write_bytes(good.read_bytes())
+    assert plain_npy_problem(str(good)) is None
+    good.write_bytes(content if content is not None else good.read_bytes()[:-4])
+    assert words in plain_npy_problem(str(good))
+    distrust_index_cache(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-GPTDataset-valid-document_index.npy"]

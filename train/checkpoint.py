@@ -2,7 +2,15 @@
 states, RNG) in atomically committed folders (train/checkpoint_storage.py: manifest, `latest`, pruning),
 verified against the manifest before anything is loaded.
 
-    step-N/meta.json   step, consumed_samples, lr of the next step, skipped_in_row, world layout, the resolved config
+    step-N/meta.json   step, consumed_samples, lr of the next step, skipped_in_row, world layout, the resolved config,
+                       the id of the run that wrote it and the (run id, step) that run resumed from
+
+A checkpoint is used only when every file the loader reads is what a save writes (`checkpoint_problem`: the
+manifest's sizes and checksums, meta.json's fields, the RNG files' JSON, DCP's metadata through a restricted
+unpickler); otherwise resume=auto skips it as incomplete and a given path fails, each with one line naming the
+file. resume=auto falls back only along the lineage of `latest` (checkpoints of the run that wrote it up to its
+step, then of the run it resumed from up to the step it resumed at, and so on), never to a folder another run
+left there, nor forward of `latest`.
 
 Every rank calls every method of `Checkpointer` (they are collective): the main rank writes the shared files
 and the folders, all ranks write their DCP shards and RNG states, and each outcome is agreed by an all-reduce,
@@ -11,6 +19,7 @@ so a failure on any rank raises CheckpointError on every rank, leaving earlier c
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import torch
@@ -21,6 +30,7 @@ from parallel.comm import all_reduce_sum, is_distributed
 from parallel.shards import shard_specs
 from parallel.state import ParallelState
 from train.checkpoint_state import (
+    SafeReader,
     dcp_quiet,
     load_optim,
     model_tensors,
@@ -31,7 +41,7 @@ from train.checkpoint_state import (
     saved_views,
     set_rng_state,
 )
-from train.checkpoint_storage import META, CheckpointError, CheckpointFolders, manifest_problem, write_json
+from train.checkpoint_storage import META, STEP_DIR, CheckpointError, CheckpointFolders, manifest_problem, write_json
 from train.config import CheckpointConfig
 
 __all__ = ["CheckpointError", "Checkpointer"]
@@ -43,6 +53,8 @@ class Checkpointer:
     def __init__(self, root: str | Path, cfg: CheckpointConfig, ps: ParallelState, config: dict):
         self.folders = CheckpointFolders(root, cfg.keep)
         self.root, self.cfg, self.ps, self.config = Path(root), cfg, ps, config
+        self.run_id = uuid.uuid4().hex  # this run's; the main rank's is the one recorded
+        self.parent: dict | None = None  # the checkpoint this run resumed from: {"run_id", "step"}
         self._pending = None  # (future, step) of an async save not yet committed
         self._verified: set[Path] = set()
         # an async save's collectives run in a background thread: give them their own group, so they never
@@ -80,7 +92,8 @@ class Checkpointer:
             write_json(tmp / f"rng-{self.ps.rank}.json", rng_state())
             if self.ps.is_main:
                 layout = {"world_size": self.ps.world_size, **self.config.get("parallel", {})}
-                write_json(tmp / META, {**meta, "step": step, "layout": layout, "config": self.config})
+                write_json(tmp / META, {**meta, "step": step, "layout": layout, "run_id": self.run_id,
+                                        "parent": self.parent, "config": self.config})
         except (Exception, CheckpointException) as e:  # re-raised below as CheckpointError on every rank
             error = e
         if self._agree_failed(error is not None):
@@ -109,7 +122,7 @@ class Checkpointer:
         error = None
         if self.ps.is_main:
             try:
-                print(f"checkpoint: saved {self.folders.commit(step)}", flush=True)
+                print(f"checkpoint: saved {self.folders.commit(step, self.run_id, self.parent)}", flush=True)
             except (Exception, CheckpointException) as e:
                 error = e
         if self._agree_failed(error is not None):
@@ -135,7 +148,7 @@ class Checkpointer:
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint to resume from: None for a fresh run (resume="", or auto with no checkpoint at all).
-        auto takes the newest complete one, falling back (and saying so) past corrupted or partial ones."""
+        auto takes `latest`, falling back (and saying so) past damaged checkpoints along its lineage only."""
         if not resume:
             return None
         if resume != "auto":
@@ -143,15 +156,12 @@ class Checkpointer:
             if not path.is_dir():
                 raise CheckpointError(f"checkpoint.resume={resume}: {path} does not exist; give a step-N folder "
                                       f"such as {self.root / 'step-100'}, or checkpoint.resume=auto")
+            if not STEP_DIR.fullmatch(path.name):
+                raise CheckpointError(f"checkpoint.resume={resume}: {path.name} is not a step-N folder (a .tmp "
+                                      "folder is a save that did not finish); give a step-N folder or auto")
             self.verify(path)
             return path
-        candidates = [path for _, path in self.folders.checkpoints()]
-        latest = self.folders.latest()
-        if latest in candidates:  # normally the newest; older when a save crashed before updating it
-            candidates.remove(latest)
-            candidates.insert(0, latest)
-        elif latest is not None:
-            self._say(f"checkpoint.resume=auto: {self.root / 'latest'} names {latest.name}, which does not exist")
+        candidates, why = self._lineage_candidates()
         if not candidates:
             partial = self.folders.unfinished()
             note = f" (ignoring unfinished saves: {', '.join(partial)})" if partial else ""
@@ -161,13 +171,50 @@ class Checkpointer:
         for i, path in enumerate(candidates):
             problem = self._main_verdict(path)
             if problem is None:
-                if i:
-                    self._say(f"checkpoint.resume=auto: falling back to {path}, the newest complete checkpoint")
+                self._say(f"checkpoint.resume=auto: resuming from {path}, {why}" if not i else
+                          f"checkpoint.resume=auto: falling back to {path}, the newest usable checkpoint along "
+                          "the lineage of latest")
                 return path
             problems.append(problem)
             self._say(f"checkpoint.resume=auto: skipping {path}: {problem}")
-        raise CheckpointError(f"checkpoint.resume=auto: no usable checkpoint in {self.root}: {'; '.join(problems)}. "
-                              "Restore or delete the damaged folders, or start from scratch with checkpoint.resume=''")
+        raise CheckpointError(f"checkpoint.resume=auto: no usable checkpoint along the lineage of latest in "
+                              f"{self.root}: {'; '.join(problems)}. Restore or delete the damaged folders, resume "
+                              "from a given step-N folder, or start from scratch with checkpoint.resume=''")
+
+    def _lineage_candidates(self) -> tuple[list[Path], str]:
+        """The folders resume=auto may take, in order, and why the first: `latest`, then the older checkpoints of
+        its lineage, newest first (without lineage records, from earlier versions: every older checkpoint)."""
+        found = self.folders.checkpoints()  # newest first
+        latest = self.folders.latest()
+        if latest is None:
+            return [path for _, path in found], "the newest checkpoint (no latest pointer)"
+        latest_path, run_id = latest
+        steps = {path: step for step, path in found}
+        if latest_path not in steps:
+            self._say(f"checkpoint.resume=auto: {self.root / 'latest'} names {latest_path.name}, which does not "
+                      "exist; using the newest checkpoint")
+            return [path for _, path in found], "the newest checkpoint"
+        bound = steps[latest_path]
+        older = [path for step, path in found if step < bound]
+        if run_id is None:
+            return [latest_path] + older, "the one latest names"
+        chain, lineage, run, limit = [], self.folders.lineage(), run_id, bound
+        while run is not None and all(r != run for r, _ in chain):  # (run, highest step of it on the chain)
+            chain.append((run, limit))
+            parent = lineage.get(run)
+            run, limit = (parent.get("run_id"), parent.get("step", -1)) if isinstance(parent, dict) else (None, 0)
+        allowed = [path for path in older if self._written_by(path, chain)]
+        return [latest_path] + allowed, "the one latest names"
+
+    def _written_by(self, path: Path, chain: list[tuple[str, int]]) -> bool:
+        """Whether `path` holds a checkpoint of a run of `chain` at or below that run's step there (read from its
+        meta.json; an unreadable one counts as on the chain, to be reported as damaged)."""
+        try:
+            meta = json.loads((path / META).read_text())
+            run, step = meta["run_id"], meta["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+        return any(run == r and step <= limit for r, limit in chain)
 
     def verify(self, path: Path) -> None:
         """Raise CheckpointError naming the file when `path` is partial or corrupted."""
@@ -180,7 +227,7 @@ class Checkpointer:
         """The main rank checks the manifest; every rank gets its verdict (the text only on the main rank)."""
         problem = None
         if self.ps.is_main and path not in self._verified:
-            problem = manifest_problem(path)
+            problem = checkpoint_problem(path)
         if self._agree_failed(problem is not None):
             return problem or "rejected by the main rank"
         self._verified.add(path)
@@ -196,15 +243,16 @@ class Checkpointer:
         """Load model, optimizer and (same world size) this rank's RNG states from `path`; return meta.json."""
         path = Path(path)
         self.verify(path)
-        meta = json.loads((path / META).read_text())
-        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        meta = json.loads((path / META).read_text())  # checked by checkpoint_problem
+        self.parent = {"run_id": meta.get("run_id"), "step": meta["step"]}
+        stored = SafeReader(path).read_metadata().state_dict_metadata
         shards = shard_specs(model, self.ps)
         tensors = {**model_tensors(model), **optim_templates(model, optimizer, stored, shards)}
         views = saved_views(tensors, model, shards, self.ps.device, gather=False)
         self._check_shapes(path, meta, views, stored)
         try:
             with dcp_quiet():
-                dcp.load(views, storage_reader=dcp.FileSystemReader(path), no_dist=not is_distributed())
+                dcp.load(views, storage_reader=SafeReader(path), no_dist=not is_distributed())
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"reading checkpoint {path} failed: {_describe(e)}") from e
         for key, view in views.items():  # full tensors of chunked slices; DTensor.from_local may have copied
@@ -256,3 +304,43 @@ def _config_diff(saved: dict, current: dict, sections) -> str:
     old, new = (dict(flat({s: tree.get(s, {}) for s in sections})) for tree in (saved, current))
     diffs = [f"{k}: {old[k]!r} saved, {new.get(k)!r} now" for k in old if old[k] != new.get(k)]
     return ", ".join(diffs[:6])
+
+
+META_FIELDS = {"step": int, "layout": dict}  # what the checkpointer writes; the trainer checks what it adds
+RNG_FIELDS = ("python", "numpy", "torch", "cuda")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes `path` other than a complete checkpoint this code wrote, naming the file, or None: the manifest
+    (sizes and checksums of every file), then the content of each file the loader reads."""
+    problem = manifest_problem(path)
+    if problem is not None:
+        return problem
+    meta = _json_problem(path / META, dict)
+    if isinstance(meta, str):
+        return meta
+    for key, kind in META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"{path / META} has no valid {key!r} ({meta.get(key)!r})"
+    if not isinstance(meta["layout"].get("world_size"), int):
+        return f"{path / META} has no valid layout.world_size ({meta['layout'].get('world_size')!r})"
+    for rng in sorted(path.glob("rng-*.json")):
+        state = _json_problem(rng, dict)
+        if isinstance(state, str):
+            return state
+        if any(k not in state for k in RNG_FIELDS):
+            return f"{rng} lacks the generator states {[k for k in RNG_FIELDS if k not in state]}"
+    try:
+        SafeReader(path).read_metadata()
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _json_problem(path: Path, kind: type):
+    """The parsed JSON of `path` when it is a `kind`, else a one-line problem naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:80]})"
+    return value if isinstance(value, kind) else f"{path} holds a {type(value).__name__}, not a {kind.__name__}"

@@ -5,8 +5,10 @@
                                 keyed by full parameter names
     rng-<rank>.json             that rank's python, numpy, torch CPU and CUDA generator states
 
-Nothing is unpickled except DCP's own files (after the manifest check): the RNG states are JSON, the DCP state
-holds only tensors.
+No file of a checkpoint can run code when it is loaded: the RNG states and meta.json are JSON, the DCP tensors
+are read with torch.load(weights_only=True) (DCP's own), and DCP's .metadata, a pickle, is read by `SafeReader`
+through an unpickler that builds only the metadata classes DCP writes (`METADATA_CLASSES`) and refuses any other
+object with a CheckpointError naming the file.
 
 Resharding: every tensor is saved under its one-process name and shape, whatever the layout. Which tensors are
 split over ranks comes from parallel/shards.py. Split tensors and their optimizer states are saved as DTensors
@@ -17,14 +19,54 @@ are gathered to the full tensor on save and sliced on load. Other tensors are fu
 from __future__ import annotations
 
 import contextlib
+import pickle
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from parallel.shards import ShardSpec
 from train.checkpoint_storage import CheckpointError
+
+# what DCP pickles into .metadata for a state of tensors (seen with torch 2.11 and 2.13), and nothing else
+METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "TensorProperties", "MetadataIndex", "StorageMeta",
+                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name
+    "torch": {"Size"} | {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it holds a pickled {module}.{name}, which DCP metadata never holds")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, with .metadata read through the restricted unpickler above."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with path.open("rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path} is not DCP metadata ({e}); refusing to load it") from e
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; refusing to load it")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 @contextlib.contextmanager

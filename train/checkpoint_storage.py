@@ -2,7 +2,9 @@
 
 Layout under <run_dir>/checkpoints/:
 
-    latest                "step-12": the newest complete checkpoint; replaced atomically, after everything else
+    latest                "step-12 <run id>": the newest complete checkpoint and the run that wrote it; replaced
+                          atomically, after everything else
+    lineage.json          {run id: the (run id, step) it resumed from, or null}: how the runs in this folder descend
     step-12/              one complete checkpoint; a save is written to step-12.tmp/ and renamed when complete
       ...                 the files of train/checkpoint_state.py and the checkpointer's meta.json
       manifest.json       size and sha256 of every other file; written last, checked before anything is read
@@ -21,7 +23,7 @@ import shutil
 from pathlib import Path
 
 STEP_DIR = re.compile(r"step-(\d+)")
-MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
+MANIFEST, META, LATEST, LINEAGE = "manifest.json", "meta.json", "latest", "lineage.json"
 
 
 class CheckpointError(RuntimeError):
@@ -44,8 +46,9 @@ class CheckpointFolders:
         tmp.mkdir()
         return tmp
 
-    def commit(self, step: int) -> Path:
-        """Write the manifest of step-<step>.tmp/, rename it to step-<step>/, point `latest` at it, prune."""
+    def commit(self, step: int, run_id: str, parent: dict | None) -> Path:
+        """Write the manifest of step-<step>.tmp/, rename it to step-<step>/, record the run in the lineage,
+        point `latest` at it, prune."""
         tmp, final = self.tmp(step), self.root / f"step-{step}"
         files = {str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json(tmp / MANIFEST, {"step": step, "files": files})
@@ -62,7 +65,10 @@ class CheckpointFolders:
         else:
             os.replace(tmp, final)
         _fsync_dir(self.root)
-        _write_atomic(self.root / LATEST, final.name + "\n")
+        lineage = self.lineage()
+        if run_id not in lineage:  # a run's parent is set when it starts: recorded at its first save
+            _write_atomic(self.root / LINEAGE, json.dumps({**lineage, run_id: parent}))
+        _write_atomic(self.root / LATEST, f"{final.name} {run_id}\n")
         self._prune(final)
         return final
 
@@ -82,10 +88,25 @@ class CheckpointFolders:
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.fullmatch(p.name))]
         return sorted(found, reverse=True)
 
-    def latest(self) -> Path | None:
-        """The folder `latest` names (which may not exist), or None."""
+    def latest(self) -> tuple[Path, str | None] | None:
+        """The folder `latest` names (which may not exist) and the run that wrote it (None in the format of
+        earlier versions), or None."""
         pointer = self.root / LATEST
-        return self.root / pointer.read_text().strip() if pointer.is_file() else None
+        if not pointer.is_file():
+            return None
+        try:
+            name, *run = pointer.read_text().split()
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return self.root / name, (run[0] if run else None)
+
+    def lineage(self) -> dict:
+        """{run id: {"run_id", "step"} it resumed from, or None}; {} when absent or unreadable."""
+        try:
+            found = json.loads((self.root / LINEAGE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
 
     def unfinished(self) -> list[str]:
         return sorted(p.name for p in self.root.glob("step-*.tmp")) if self.root.is_dir() else []
@@ -101,8 +122,14 @@ def manifest_problem(path: Path) -> str | None:
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
-        return f"{manifest} is unreadable ({e})"
+        return f"{manifest} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(files, dict):
+        return f"{manifest} lists its files as a {type(files).__name__}, not a mapping"
     for name, want in files.items():
+        if not (isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)):
+            return f"{manifest} has an entry for {name!r} that is not {{bytes, sha256}}: {want!r}"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{manifest} names {name!r}, outside the checkpoint folder"
         f = path / name
         if not f.is_file():
             return f"{f} is missing"

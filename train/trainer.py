@@ -152,6 +152,10 @@ class Trainer:
     def load_checkpoint(self, path) -> None:
         """Restore model, optimizer, RNG and step from a step-N folder (see train/checkpoint.py)."""
         meta = self.checkpointer.load(path, self.model, self.optimizer)
+        for key, kind in (("consumed_samples", int), ("skipped_in_row", int), ("lr", (int, float))):
+            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+                raise CheckpointError(f"checkpoint {path}: meta.json has no valid {key!r} ({meta.get(key)!r}); it was "
+                                      "not written by this trainer. Resume from another step-N folder")
         gbs = self.cfg.global_batch_size
         if meta["consumed_samples"] != meta["step"] * gbs:
             raise CheckpointError(f"checkpoint {path}: {meta['consumed_samples']} samples consumed in "
