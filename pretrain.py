@@ -10,9 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-import yaml
-
 from errors import ConfigError
 
 
@@ -27,17 +24,46 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done (or stopped by SIGTERM / SIGUSR1, to be requeued), 1 a checkpoint or divergence error,
+    2 a configuration error, 130 stopped by Ctrl-C."""
     args = parse_args(argv)
-    from train.config import load_config, save_config
+    if args.dry_run:
+        return dry_run(args)
+    from train.signals import StopRequest
+    stop = StopRequest()  # first, before anything slow: a signal during start-up stops the run cleanly
+    try:
+        return train(args, stop)
+    except KeyboardInterrupt:
+        print("interrupted: a second Ctrl-C stopped the run at once; the checkpoints saved before it are kept and "
+              "an unfinished step-N.tmp is ignored by checkpoint.resume=auto", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        stop.restore()
+
+
+def dry_run(args) -> int:
+    from train.config import load_config
+    from train.dryrun import report
     from train.plan import plan_run
-    world_size = args.world_size if args.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides, args.world_size)
+        print(report(cfg, plan_run(cfg, args.world_size)))
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(args, stop) -> int:
+    import torch
+    import yaml
+
+    from train.config import load_config, save_config
+    from train.plan import check_device, plan_run
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides, world_size)
         plan = plan_run(cfg, world_size)  # the derived sizes, computed once
-        if args.dry_run:
-            from train.dryrun import report
-            print(report(cfg, plan))
-            return 0
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -49,49 +75,56 @@ def main(argv=None) -> int:
     from parallel.state import init_parallel, shutdown_parallel
     from train.checkpoint import Checkpointer, CheckpointError
     from train.metrics import MetricsLogger
-    from train.signals import StopRequest
     from train.trainer import Trainer, TrainingDiverged, resolve_device
 
-    device = resolve_device(cfg.train.device)
-    ps = init_parallel(cfg.parallel, device)
-    device = ps.device  # under torchrun on GPUs: cuda:LOCAL_RANK
-    run_dir = Path(cfg.logging.run_dir)
-    if ps.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
-
-    t = cfg.train
-    data = GPTData(cfg.data, t.seed, train_samples=t.steps * t.global_batch_size,
-                   valid_samples=max(t.eval_batches * t.micro_batch_size * ps.dp_size, 1),
-                   dp_rank=ps.dp_rank, dp_size=ps.dp_size)
-    torch.manual_seed(t.seed)
-    model = GPT(cfg.model, cfg.moe, plan.vocab_size, cfg.data.seq_length, build_layers(ps)).to(device)
-    if t.compile:
-        model.compile_blocks()
-    if ps.is_main:
-        n = model.num_params()
-        print(f"model: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token; "
-              f"vocab {plan.vocab_size}; device {device}", flush=True)
-    logger = MetricsLogger(run_dir, ps.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
-                           cfg.logging.tensorboard, cfg.to_dict())
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, ps, cfg.to_dict())
-    stop = StopRequest(device)  # SIGTERM / SIGUSR1: finish the step, save, exit 0
-    trainer = Trainer(t, plan, model, data, ps, logger, GradSync(model, ps, cfg.parallel.bucket_mb), checkpointer,
-                      stop)
+    logger = None
     try:
+        device = resolve_device(cfg.train.device)
+        check_device(cfg, device.type, os.environ.get("TRITON_INTERPRET") == "1")
+        ps = init_parallel(cfg.parallel, device)
+        stop.device = device = ps.device  # under torchrun on GPUs: cuda:LOCAL_RANK
+        run_dir = Path(cfg.logging.run_dir)
+        if ps.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+
+        t = cfg.train
+        data = GPTData(cfg.data, t.seed, train_samples=t.steps * t.global_batch_size,
+                       valid_samples=max(t.eval_batches * t.micro_batch_size * ps.dp_size, 1),
+                       dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+        torch.manual_seed(t.seed)
+        model = GPT(cfg.model, cfg.moe, plan.vocab_size, cfg.data.seq_length, build_layers(ps)).to(device)
+        if t.compile:
+            model.compile_blocks()
+        if ps.is_main:
+            n = model.num_params()
+            print(f"model: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token; "
+                  f"vocab {plan.vocab_size}; device {device}", flush=True)
+        logger = MetricsLogger(run_dir, ps.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
+                               cfg.logging.tensorboard, cfg.to_dict())
+        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, ps, cfg.to_dict())
+        trainer = Trainer(t, plan, model, data, ps, logger, GradSync(model, ps, cfg.parallel.bucket_mb),
+                          checkpointer, stop)
         resume_from = checkpointer.resolve(cfg.checkpoint.resume)
         if resume_from is not None:
             trainer.load_checkpoint(resume_from)
+        if stop.agreed():  # a signal during start-up: nothing trained, nothing to save
+            if ps.is_main:
+                print(f"stopping before the first step on {stop.received or 'a signal to another rank'}", flush=True)
+            return stop.exit_code
         trainer.run()
+    except ConfigError as e:  # what only shows when the data, tokenizer or device is there
+        print(e, file=sys.stderr, flush=True)
+        return 2
     except (CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        stop.restore()
-        logger.close()
+        if logger is not None:
+            logger.close()
         shutdown_parallel()
-    return 0
+    return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -273,8 +273,10 @@ def _prefetch(batches: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Ten
                 yield item
         finally:
             stop.set()
+            thread.join(timeout=10)  # no thread left in torch code when the interpreter exits
 
-    threading.Thread(target=work, name="gpt-data-prefetch", daemon=True).start()
+    thread = threading.Thread(target=work, name="gpt-data-prefetch", daemon=True)
+    thread.start()
     iterator = drain()
     weakref.finalize(iterator, stop.set)
     return iterator

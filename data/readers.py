@@ -6,7 +6,6 @@ Readers yield `Record`s cheaply (a jsonl line stays raw bytes) so that parsing c
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ PARQUET_SUFFIXES = (".parquet",)
 INVALID_JSON = "invalid_json"
 MISSING_TEXT_KEY = "missing_text_key"
 UNDECODABLE_BYTES = "undecodable_bytes"
+INVALID_UNICODE = "invalid_unicode"  # a JSON escape of a lone surrogate (\ud800): no UTF-8 for the tokenizer
 EMPTY_DOCUMENT = "empty_document"
 
 
@@ -50,6 +50,10 @@ def record_text(record: Record, text_key: str) -> tuple[str | None, str | None]:
         return None, MISSING_TEXT_KEY
     if not value.strip():
         return None, EMPTY_DOCUMENT
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, INVALID_UNICODE
     return value, None
 
 
@@ -92,21 +96,44 @@ def resolve_inputs(paths: list[str]) -> list[str]:
     return resolved
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        import zstandard
+def _zstd_lines(path: str) -> Iterator[bytes]:
+    """The lines of a .zst file, frame after frame; InputError when the last frame ends early (a truncated file
+    otherwise reads as a shorter one without a word) or the bytes are not zstd."""
+    import zstandard
 
-        return io.BufferedReader(zstandard.open(path, "rb"))
-    return open(path, "rb")
+    decompressor, pending, tail = zstandard.ZstdDecompressor().decompressobj(), False, b""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out = []
+                while chunk:
+                    out.append(decompressor.decompress(chunk))
+                    pending = not decompressor.eof
+                    chunk = b""
+                    if decompressor.eof:  # a frame ended: the next one starts in what is left
+                        chunk, decompressor = decompressor.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                *lines, tail = (tail + b"".join(out)).split(b"\n")
+                yield from (line + b"\n" for line in lines)
+    except zstandard.ZstdError as error:
+        raise InputError(f"{path} is not valid zstd data ({error})") from error
+    if pending:
+        raise InputError(f"{path} is truncated: its last zstd frame ends early (re-download or re-create it)")
+    if tail:
+        yield tail
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    if path.endswith(".zst"):
+        yield from _zstd_lines(path)
+        return
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        yield from f
 
 
 def _read_jsonl(path: str) -> Iterator[Record]:
-    with _open_binary(path) as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():  # blank lines (a trailing newline, say) are not documents
-                yield Record(path, number, line, None)
+    for number, line in enumerate(_lines(path), start=1):
+        if line.strip():  # blank lines (a trailing newline, say) are not documents
+            yield Record(path, number, line, None)
 
 
 def _read_parquet(path: str, text_key: str) -> Iterator[Record]:

@@ -70,8 +70,9 @@ class KernelConfig:
     block_size: int = 128  # blocksparse: rows and columns of a block
 
     def validate(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ConfigError("moe.kernels.block_size", f"is {self.block_size}; use a power of two such as 128")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError("moe.kernels.block_size", f"is {self.block_size}; use a power of two of at least 16 "
+                              "(the GPU's tl.dot needs 16), such as 128")
 
 
 @dataclass
@@ -104,6 +105,9 @@ class MoEConfig:
                               f"{self.num_experts}; lower moe.top_k or raise moe.num_experts")
         if self.backend not in BACKENDS:
             raise ConfigError("moe.backend", f"is {self.backend!r}; use one of {sorted(BACKENDS)}")
+        if self.ffn_hidden_size < 0:
+            raise ConfigError("moe.ffn_hidden_size", f"is {self.ffn_hidden_size}; use 0 (model.ffn_hidden_size) or "
+                              "a positive width")
         self.router.validate(self.top_k)
         self.capacity.validate()
         self.kernels.validate()
@@ -113,7 +117,8 @@ class MoEConfig:
         if self.capacity.rectify and self.router.type == "sparsemixer":
             raise ConfigError("moe.capacity.rectify_intra", "is not supported with moe.router.type=sparsemixer "
                               "(its multipliers come from the estimator); turn Rectify-Router off")
-        self.moe_layer_indices(1)  # syntax check of `layers`
+        if str(self.layers).strip() not in ("all", "even", "odd"):
+            self._listed_layers()  # the syntax here; the range against model.num_layers in moe_layer_indices
 
     def moe_layer_indices(self, num_layers: int) -> list[int]:
         """Block indices that hold an MoE layer."""
@@ -124,13 +129,20 @@ class MoEConfig:
             return list(range(num_layers))
         if spec in ("even", "odd"):
             return list(range(0 if spec == "even" else 1, num_layers, 2))
+        idx = self._listed_layers()
+        bad = [i for i in idx if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError("moe.layers", f"names blocks {bad} but the model has {num_layers} "
+                              f"(indices 0..{num_layers - 1}); set moe.layers within them or raise model.num_layers")
+        return idx
+
+    def _listed_layers(self) -> list[int]:
+        spec = str(self.layers).strip()
         try:
             idx = [int(s) for s in spec.split(",") if s.strip()]
         except ValueError:
             raise ConfigError("moe.layers", f"is {spec!r}; use all, even, odd or comma-separated block "
                               "indices such as 1,3,5") from None
-        bad = [i for i in idx if not 0 <= i < num_layers]
-        if bad and num_layers > 1:
-            raise ConfigError("moe.layers", f"names blocks {bad} but the model has {num_layers} "
-                              f"(indices 0..{num_layers - 1})")
+        if not idx:
+            raise ConfigError("moe.layers", "lists no block; use all, even, odd or indices such as 1,3,5")
         return idx

@@ -35,6 +35,7 @@ receives at most ep * C rows.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -54,6 +55,24 @@ class Handle(NamedTuple):
     kept: torch.Tensor | None  # [T, k] bool, None: all kept
     splits: tuple[list[int], list[int]] | None = None  # all-to-all only: rows sent to / received from each rank
     regroup: torch.Tensor | None = None  # all-to-all only: received row at each grouped position
+
+
+DEBUG = os.environ.get("MOETRON_DEBUG") == "1"  # check values on the GPU too (a host sync per layer)
+
+
+def check_routing(x: torch.Tensor, routing: Routing) -> None:
+    """Clear errors for a routing the router never produces but a caller of the dispatcher can: shapes and
+    dtypes always; the expert ids' range where reading them costs no host sync (CPU), or with MOETRON_DEBUG=1."""
+    ids = routing.expert_ids
+    if ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.dtype != torch.int64:
+        raise ValueError(f"routing: expert_ids of shape {tuple(ids.shape)} and dtype {ids.dtype} for {x.shape[0]} "
+                         "tokens; expected [tokens, k] int64")
+    if routing.weights.shape != ids.shape:
+        raise ValueError(f"routing: weights of shape {tuple(routing.weights.shape)}, expected {tuple(ids.shape)}")
+    if (DEBUG or not ids.is_cuda) and ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= routing.num_experts:
+            raise ValueError(f"routing: expert ids in [{low}, {high}], outside [0, {routing.num_experts}) experts")
 
 
 def _sort(routing: Routing) -> Sorted:

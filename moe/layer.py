@@ -14,7 +14,7 @@ from torch import nn
 
 from moe.capacity import apply_capacity
 from moe.config import CapacityConfig, MoEConfig
-from moe.dispatch import build_dispatcher
+from moe.dispatch import build_dispatcher, check_routing
 from moe.experts import build_experts
 from moe.router import TopKRouter
 from moe.routing import Routing
@@ -59,6 +59,7 @@ def run_experts(dispatcher, experts: nn.Module, x_TD: torch.Tensor, routing: Rou
                 capacity: CapacityConfig | None = None, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What follows the router: the capacity step (when given its section: the padded backend), dispatch, the
     experts, combine. -> (y [T, d] gated, assignments dropped [])."""
+    check_routing(x_TD, routing)
     C, num_dropped = None, routing.counts.new_zeros(())
     if capacity is not None:
         routing, C, num_dropped = apply_capacity(routing, capacity, renormalize)

@@ -423,9 +423,11 @@ sys.exit(pretrain.main(sys.argv[1:]))
 """
 
 
-def test_sigterm_saves_exits_zero_and_resume_matches(straight, tmp_path):
-    """A real training process (pretrain.py's main on the fake data) gets SIGTERM mid-run: it finishes the step,
-    saves, exits 0; the requeued command (the same, with resume=auto) ends with the uninterrupted run's losses."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_exits_and_resume_matches(straight, tmp_path, sig, code):
+    """A real training process (pretrain.py's main on the fake data) gets SIGTERM (a scheduler) or SIGINT
+    (Ctrl-C) mid-run: it finishes the step, saves, exits 0 (to be requeued) or 130 (the user stopped it); the
+    same command with resume=auto ends with the uninterrupted run's losses."""
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER.format(root=str(ROOT), tests=str(ROOT / "tests")))
     run = tmp_path / "run"
@@ -437,10 +439,10 @@ def test_sigterm_saves_exits_zero_and_resume_matches(straight, tmp_path):
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 2 |"):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(lines)
+            proc.send_signal(sig)
+    assert proc.wait(timeout=120) == code, "".join(lines)
     stopped = [line for line in lines if line.startswith("stopping at step")]
-    assert stopped and "on SIGTERM; resume with checkpoint.resume=auto" in stopped[0], "".join(lines)
+    assert stopped and f"on {sig.name}, saving; resume with checkpoint.resume=auto" in stopped[0], "".join(lines)
     at = int(stopped[0].split()[3])
     assert 2 <= at < 12 and steps_on_disk(run) == ["latest", f"step-{at}"]
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -448,6 +450,76 @@ def test_sigterm_saves_exits_zero_and_resume_matches(straight, tmp_path):
     assert f"resumed from {run / 'checkpoints' / f'step-{at}'} at step {at}" in resumed.stdout
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses == straight[1]
+
+
+def _start(tmp_path, *extra):
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    cmd = [sys.executable, str(runner), "--config", str(TINY_YAML), *TINY, "train.eval_interval=0",
+           "checkpoint.interval=1", f"logging.run_dir={tmp_path / 'run'}", *extra]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    """Two Ctrl-C: the first asks for a clean stop, the second stops the process at once with one line and exit
+    130, leaving complete checkpoints and at most an unfinished step-N.tmp, which resume=auto ignores."""
+    proc = _start(tmp_path, "train.steps=200", "model.hidden_size=256", "model.num_heads=4")
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3 |"):  # the first: a clean stop after this step ...
+            proc.send_signal(signal.SIGINT)
+        if line.startswith("stopping at step"):  # ... the second, while the final checkpoint is being saved
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, "".join(lines)
+    out = "".join(lines)
+    assert "interrupted: a second Ctrl-C stopped the run at once" in out and "Traceback" not in out, out
+    trainer = make_trainer(tmp_path / "run")
+    assert trainer.checkpointer.resolve("auto") is not None
+
+
+def test_signal_during_start_up_stops_cleanly(tmp_path):
+    """SIGTERM before the first step (while the model is being built) stops the run with exit 0 and a line
+    saying so, not with the default action (143)."""
+    proc = _start(tmp_path)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("model:"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "".join(lines)
+    assert any(line.startswith("stopping before the first step on SIGTERM") for line in lines), "".join(lines)
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_fault_injection_resume_is_exact(straight, tmp_path, trial):
+    """A signal (SIGTERM, SIGUSR1, SIGINT) or kill -9 at a random moment of a run that saves every step, then
+    resume=auto until the run is done: every step's loss equals the uninterrupted run's, and at most the step in
+    flight when the process died is done again (logged twice)."""
+    import random
+    import time
+
+    rng = random.Random(1000 + trial)
+    sig = [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGKILL][trial]
+    at, delay = rng.randint(1, 9), rng.uniform(0, 0.05)
+    proc = _start(tmp_path, "checkpoint.resume=auto", "checkpoint.keep=2")
+    for line in proc.stdout:
+        if line.startswith(f"step {at} |"):
+            time.sleep(delay)  # into the save of step `at`, or the next step
+            proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    assert code == {signal.SIGINT: 130, signal.SIGKILL: -9}.get(sig, 0), (sig, code)
+    done = _start(tmp_path, "checkpoint.resume=auto", "checkpoint.keep=2")  # the requeued command
+    out = done.communicate(timeout=120)[0]
+    assert done.returncode == 0 and "step 12 |" in out, out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {}
+    for r in records:
+        by_step.setdefault(r["step"], []).append(r["loss"])
+    assert sorted(by_step) == list(range(1, 13))
+    assert all(losses == [straight[1][step - 1]] * len(losses) for step, losses in by_step.items()), by_step
+    assert len(records) - 12 <= 1, f"{len(records) - 12} steps done twice after {sig.name} at step {at}"
 
 
 def test_stop_request_catches_sigusr1_and_restores_handlers():

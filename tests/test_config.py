@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 import pretrain
 from errors import ConfigError
@@ -104,3 +105,53 @@ def test_config_round_trips(tmp_path):
     cfg = load_config("configs/moe_xs.yaml", ["train.lr=1e-4"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["train.beta2=1.0"], "train.beta2", "betas lie in [0, 1)"),
+    (["train.beta1=-0.1"], "train.beta1", "betas lie in [0, 1)"),
+    (["train.lr=.nan"], "train.lr", "finite number"),
+    (["train.clip_grad=inf"], "train.clip_grad", "finite number"),
+    (["train.adam_eps=0"], "train.adam_eps", "out of range"),
+    (["model.num_layers=1", "moe.layers=3"], "moe.layers", "names blocks [3] but the model has 1"),
+    (["moe.layers=' , '"], "moe.layers", "lists no block"),
+    (["moe.kernels.block_size=8"], "moe.kernels.block_size", "at least 16"),
+    (["train.lr=[1"], "train.lr", "not valid YAML"),
+])
+def test_more_bad_values_name_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", overrides)
+    assert err.value.key == key and words in str(err.value), str(err.value)
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_layers: 2\n  hidden_size: [128\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line \d+, column \d+"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.paths=[nowhere/data]"], "data.paths names nowhere/data"),
+    (["data.tokenizer=nowhere.model"], "data.tokenizer"),
+    (["train.device=cuda"], "no CUDA device is visible"),
+    (["moe.backend=scatter"], "Triton kernels need a GPU"),
+])
+def test_start_up_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatch, overrides, words):
+    """Errors that only show once the data, the tokenizer or the device is looked at: exit 2, one line."""
+    if torch.cuda.is_available() and "cuda" in overrides[0]:
+        pytest.skip("a GPU is visible")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = pretrain.main(["--config", "configs/tiny.yaml", *overrides, f"logging.run_dir={tmp_path}/run",
+                          "checkpoint.save=false", "train.steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_triton_interpreter_refuses_bf16(monkeypatch):
+    from train.plan import check_device
+    cfg = load_config("configs/tiny.yaml", ["moe.backend=blocksparse", "train.dtype=bf16"])
+    with pytest.raises(ConfigError, match="computes wrongly"):
+        check_device(cfg, "cpu", interpreted=True)
+    check_device(cfg, "cuda", interpreted=False)  # fine on a GPU

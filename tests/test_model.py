@@ -79,3 +79,17 @@ def test_reference_moe_by_hand():
     assert z.item() == pytest.approx(z_by_hand, rel=1e-5)
     m = layer.stats.reduce_and_reset()
     assert m["moe/0/tokens_max"] == max(counts) and m["moe/0/dropped_frac"] == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "padded"])
+def test_bf16_on_cpu_trains(backend):
+    """train.dtype=bf16 on the CPU (autocast) for every backend that runs there: finite loss and gradients.
+    (The Triton backends on the CPU run only under the interpreter, which refuses bf16: train/plan.py.)"""
+    cfg = load_config("configs/tiny.yaml", [f"moe.backend={backend}", "moe.capacity.factor=1.0"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model, cfg.moe, 128, 32)
+    tokens = torch.randint(0, 128, (2, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

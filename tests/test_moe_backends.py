@@ -1,5 +1,6 @@
 """Expert backends against the reference: forward and gradients (input, expert weights, router), edge cases,
 padded capacity and drop accounting, backend switching in a whole model."""
+import dataclasses
 import math
 
 import pytest
@@ -257,3 +258,32 @@ def test_gated_combine_kernel_equals_the_torch_combine(T, k):
         results.append((out.detach(), y.grad, w.grad))
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "padded", pytest.param("scatter", marks=interpreted),
+                                     pytest.param("blocksparse", marks=interpreted)])
+def test_bad_inputs_are_refused_at_the_boundary(backend):
+    """What the router never produces but a caller can: rows of the wrong width, expert ids out of range or of
+    the wrong dtype. Each a clear error, before any kernel runs."""
+    from moe.config import KernelConfig
+    from moe.dispatch import LocalDispatcher
+    from moe.experts import build_experts
+    from moe.layer import run_experts as layer_run
+
+    cfg = MoEConfig(num_experts=4, top_k=2, backend=backend, capacity=CapacityConfig(factor=1.0),
+                    kernels=KernelConfig(block_size=16))
+    experts = build_experts(cfg, D, 32, "gelu", 0.2, 0.2)
+    capacity = cfg.capacity if backend == "padded" else None
+    ids = torch.tensor([[0, 1], [2, 3], [1, 0]])
+
+    def run(x, expert_ids):  # the routing record of good ids, then the ids swapped in
+        routing = dataclasses.replace(make_routing(ids, torch.rand(3, 2), 4), expert_ids=expert_ids)
+        return layer_run(LocalDispatcher(), experts, x, routing, capacity)
+
+    run(torch.randn(3, D), ids)  # the good case runs
+    with pytest.raises(ValueError, match=rf"rows of shape \(3, {D + 1}\)"):
+        run(torch.randn(3, D + 1), ids)
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 4\], outside \[0, 4\)"):
+        run(torch.randn(3, D), torch.where(ids == 3, 4, ids))
+    with pytest.raises(ValueError, match=r"expected \[tokens, k\] int64"):
+        run(torch.randn(3, D), ids.int())

@@ -270,3 +270,51 @@ def test_prepare_corpus_cuts_plays_into_scenes():
     assert [s.splitlines()[0] for s in scenes] == ["THE PLAY", "SCENE 2. A hall", "ACT II."]
     assert "ACT II." not in scenes[1] and "".join(scenes).replace("\n", "") == play.replace("\n", "")
     assert split_scenes("Shall I compare thee\nto a summer's day?\n") == ["Shall I compare thee\nto a summer's day?\n"]
+
+
+def _zst(path: Path, texts: list[str], frames: int = 1) -> Path:
+    import zstandard
+    lines = [json.dumps({"text": t}) + "\n" for t in texts]
+    per = -(-len(lines) // frames)
+    path.write_bytes(b"".join(zstandard.ZstdCompressor().compress("".join(lines[i:i + per]).encode())
+                              for i in range(0, len(lines), per)))
+    return path
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) * 2 // 3]), "is truncated"),
+    (lambda p: p.write_bytes(random.Random(0).randbytes(4000)), "is not valid zstd data"),
+], ids=["truncated", "random-bytes"])
+def test_damaged_zstd_input_is_an_error_naming_the_file(tmp_path, tokenizer, damage, words):
+    """A truncated .zst used to read as a shorter file without a word (and random bytes gave a traceback)."""
+    path = _zst(tmp_path / "in.jsonl.zst", make_texts(300))
+    damage(path)
+    with pytest.raises(InputError, match=words) as err:
+        run([str(path)], tmp_path / "out", tokenizer)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_gzip_input_is_an_error_naming_the_file(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "in.jsonl.gz", make_texts(300), opener=gzip.open)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(InputError, match=str(path)):
+        run([str(path)], tmp_path / "out", tokenizer)
+
+
+def test_multi_frame_zstd_reads_every_document(tmp_path, tokenizer):
+    texts = make_texts(40)
+    run([str(_zst(tmp_path / "in.jsonl.zst", texts, frames=3))], tmp_path / "out", tokenizer)
+    assert read_docs(str(tmp_path / "out")) == expected_docs(tokenizer, texts)
+
+
+def test_lone_surrogate_is_skipped_by_reason_not_a_crash(tmp_path, tokenizer):
+    texts = make_texts(5)
+    path = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines.insert(2, '{"text": "broken \\ud800 here"}')
+    path.write_text("\n".join(lines) + "\n")
+    summary = run([str(path)], tmp_path / "out", tokenizer)
+    assert summary.skipped == {"invalid_unicode": 1}
+    assert read_docs(str(tmp_path / "out")) == expected_docs(tokenizer, texts)
+    with pytest.raises(InputError, match=f"{path}:3: invalid unicode"):
+        run([str(path)], tmp_path / "strict", tokenizer, strict=True)

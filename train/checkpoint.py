@@ -95,6 +95,7 @@ class Checkpointer:
                 write_json(tmp / META, {**meta, "step": step, "layout": layout, "run_id": self.run_id,
                                         "parent": self.parent, "config": self.config})
         except (Exception, CheckpointException) as e:  # re-raised below as CheckpointError on every rank
+            _reraise_interrupt(e)
             error = e
         if self._agree_failed(error is not None):
             self._fail(step, error)
@@ -113,6 +114,7 @@ class Checkpointer:
         try:
             future.result()
         except (Exception, CheckpointException) as e:
+            _reraise_interrupt(e)
             error = e
         if self._agree_failed(error is not None):
             self._fail(step, error)
@@ -287,6 +289,14 @@ class Checkpointer:
             hint = f"; the saved config differs in {diff}" if diff else ""
             raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(problems[:4])}{hint}. "
                                   f"Use the model and moe sections saved in {path / META}")
+
+
+def _reraise_interrupt(error: BaseException) -> None:
+    """DCP wraps what its writers raise, a KeyboardInterrupt (the second Ctrl-C) among them: that one stays an
+    interrupt, not a failed save."""
+    if isinstance(error, CheckpointException) and any(
+            isinstance(e, KeyboardInterrupt) for e, _ in error.failures.values()):
+        raise KeyboardInterrupt from error
 
 
 def _describe(error: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,13 @@ class TrainConfig:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("train.min_lr" if self.lr > 0 else "train.lr",
                               f"gives lr={self.lr}, min_lr={self.min_lr}; need 0 <= min_lr <= lr and lr > 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}", f"is {getattr(self, key)}; Adam's betas lie in [0, 1), such as "
+                                  "0.9 and 0.95")
+        if self.adam_eps <= 0 or self.weight_decay < 0:
+            raise ConfigError("train.adam_eps" if self.adam_eps <= 0 else "train.weight_decay",
+                              "is out of range (adam_eps > 0, weight_decay >= 0)")
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError("train.warmup_frac", f"is {self.warmup_frac}; use a fraction in [0, 1)")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -179,13 +187,18 @@ def _check_type(key: str, value, tp):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(key, f"is {value!r}; it must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -226,7 +239,10 @@ def _apply_override(tree: dict, item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(key, f"cannot be set: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(key, f"has a value {raw!r} that is not valid YAML; quote it or fix its syntax") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int = 1) -> Config:
@@ -236,7 +252,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
         path = Path(path)
         if not path.is_file():
             raise ConfigError("--config", f"file {path} does not exist; pick one of configs/*.yaml")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError("--config", f"file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(tree, dict):
             raise ConfigError("--config", f"file {path} must hold a mapping of sections")
     for item in overrides:

@@ -36,6 +36,20 @@ def model_vocab_size(cfg: Config) -> int:
     return padded_vocab_size(tokenizer.vocab_size, cfg.data.vocab_divisible_by)
 
 
+def check_device(cfg: Config, device_type: str, interpreted: bool) -> None:
+    """ConfigError for what this device cannot run: the Triton backends on the CPU need the interpreter (tests),
+    which computes bf16 products wrongly."""
+    triton = cfg.moe.num_experts and cfg.moe.backend in ("scatter", "blocksparse")
+    if device_type != "cpu" or not triton:
+        return
+    if not interpreted:
+        raise ConfigError("moe.backend", f"is {cfg.moe.backend}, whose Triton kernels need a GPU; on the CPU use "
+                          "reference, grouped or padded (or TRITON_INTERPRET=1, slow, for tests)")
+    if cfg.train.dtype == "bf16":
+        raise ConfigError("train.dtype", f"is bf16, which the Triton interpreter that runs moe.backend="
+                          f"{cfg.moe.backend} on the CPU computes wrongly; use train.dtype=fp32 (or auto)")
+
+
 def plan_run(cfg: Config, world_size: int, vocab_size: int | None = None) -> RunPlan:
     """`vocab_size` None: `model_vocab_size(cfg)` (loads the tokenizer when model.vocab_size is 0)."""
     vocab = vocab_size or model_vocab_size(cfg)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from errors import ConfigError
 from parallel.grads import GradSync
 from parallel.state import ParallelState
 from train.checkpoint import Checkpointer, CheckpointError
@@ -114,28 +115,31 @@ class Trainer:
         batches = self.data.train_batches(self.step * t.global_batch_size, t.micro_batch_size, self.accumulation)
         self.model.train()
         history, window, tick = [], [], time.perf_counter()
-        while self.step < t.steps:
-            window.append(self.train_step(batches))
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-                record = self.record(window, elapsed)
-                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                    record["val_loss"] = self.evaluate()
-                self.logger.log(record)
-                history.append(record)
-                window = []
-                tick = time.perf_counter()  # validation and logging stay out of the throughput
-            if self.stop is not None and self.stop.agreed():
-                self.save_checkpoint()
-                if self.ps.is_main:
-                    print(f"stopping at step {self.step} on {self.stop.received or 'a signal to another rank'}; "
-                          "resume with checkpoint.resume=auto", flush=True)
-                break
-            if self.checkpointer is not None and self.checkpointer.due(self.step, last=self.step == t.steps):
-                self.save_checkpoint()
-                tick = time.perf_counter()
+        try:
+            while self.step < t.steps:
+                window.append(self.train_step(batches))
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                    record = self.record(window, elapsed)
+                    if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                        record["val_loss"] = self.evaluate()
+                    self.logger.log(record)
+                    history.append(record)
+                    window = []
+                    tick = time.perf_counter()  # validation and logging stay out of the throughput
+                if self.stop is not None and self.stop.agreed():
+                    if self.ps.is_main:
+                        print(f"stopping at step {self.step} on {self.stop.received or 'a signal to another rank'}, "
+                              "saving; resume with checkpoint.resume=auto", flush=True)
+                    self.save_checkpoint()
+                    break
+                if self.checkpointer is not None and self.checkpointer.due(self.step, last=self.step == t.steps):
+                    self.save_checkpoint()
+                    tick = time.perf_counter()
+        finally:
+            batches.close()  # stops the data prefetch thread
         if self.checkpointer is not None:
             self.checkpointer.wait()
         return history
@@ -191,6 +195,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+            raise ConfigError("train.device", "is cuda but no CUDA device is visible; use train.device=cpu or auto")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

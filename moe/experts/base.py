@@ -86,6 +86,15 @@ class Experts(nn.Module):
         return activate(x @ self.w1[e], h3, self.activation) @ self.w2[e]
 
     def forward(self, rows: ExpertRows) -> torch.Tensor:
+        x, name = rows.x, type(self).__name__
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"{name}: rows of shape {tuple(x.shape)}, but these experts take [N, {self.hidden_size}] "
+                             "(hidden_size)")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: rows of dtype {x.dtype}; the experts compute in floating point")
+        if rows.sort.counts.numel() != self.num_experts:
+            raise ValueError(f"{name}: {rows.sort.counts.numel()} expert groups for the {self.num_experts} experts "
+                             "held here")
         if rows.num_rows == 0:
             # no rows here (expert parallelism: this rank received none): an empty output that still depends on
             # x and on every weight, so this rank runs the same backward collectives as the others and its
