@@ -226,6 +226,19 @@ def test_damaged_file_with_a_consistent_manifest_is_named(copied, capsys, damage
     assert "falling back to" in capsys.readouterr().out
 
 
+def test_pickle_payload_in_the_tensor_data_runs_no_code(copied):
+    """DCP reads each tensor with torch.load(weights_only=True): a payload in the data file is refused."""
+    import pickle
+    folder = copied / "checkpoints" / "step-12"
+    data = _data_file(folder)
+    payload = pickle.dumps(_Payload(copied / "marker"))
+    data.write_bytes(payload * (data.stat().st_size // len(payload) + 1))
+    _reseal(folder)
+    with pytest.raises(CheckpointError, match="reading checkpoint .* failed"):
+        make_trainer(copied).load_checkpoint(folder)
+    assert not (copied / "marker").exists()
+
+
 def test_manifest_entries_of_the_wrong_type_or_outside_the_folder(copied):
     folder = copied / "checkpoints" / "step-12"
     manifest = json.loads((folder / "manifest.json").read_text())
