@@ -74,18 +74,25 @@ def train(args, stop) -> int:
     from parallel.grads import GradSync
     from parallel.state import init_parallel, shutdown_parallel
     from train.checkpoint import Checkpointer, CheckpointError
-    from train.metrics import MetricsLogger
+    from train.metrics import MetricsLogger, previous_run, set_aside
     from train.trainer import Trainer, TrainingDiverged, resolve_device
 
     logger = None
     try:
+        run_dir = Path(cfg.logging.run_dir)
+        earlier = previous_run(run_dir)
+        if earlier and not cfg.checkpoint.resume and not cfg.logging.overwrite:
+            raise ConfigError("logging.run_dir", f"is {run_dir}, which holds a previous run ({', '.join(earlier)}); "
+                              "continue it with checkpoint.resume=auto, start over with logging.overwrite=true (its "
+                              "files move aside), or give another logging.run_dir")
         device = resolve_device(cfg.train.device)
         check_device(cfg, device.type, os.environ.get("TRITON_INTERPRET") == "1")
         ps = init_parallel(cfg.parallel, device)
         stop.device = device = ps.device  # under torchrun on GPUs: cuda:LOCAL_RANK
-        run_dir = Path(cfg.logging.run_dir)
         if ps.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if earlier and cfg.logging.overwrite and not cfg.checkpoint.resume:
+                print(f"logging.overwrite: the previous run's files moved to {set_aside(run_dir)}", flush=True)
             save_config(cfg, run_dir / "config.yaml")
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
 

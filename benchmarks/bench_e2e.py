@@ -33,7 +33,8 @@ def run_one(spec: str, args) -> dict:
            f"train.global_batch_size={args.global_batch or args.micro_batch}",
            f"train.log_interval={args.log_interval}",
            "train.eval_interval=0", "checkpoint.save=false", f"train.compile={str(args.compile).lower()}",
-           f"data.vocab_divisible_by={args.vocab}", f"logging.run_dir={run_dir}", *args.set, *own]
+           f"data.vocab_divisible_by={args.vocab}", f"logging.run_dir={run_dir}", "logging.overwrite=true",
+           *args.set, *own]
     print("$", " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode:
         return {"config": spec, "command": " ".join(cmd[1:]), "error": "pretrain.py failed (see its output)"}

@@ -43,3 +43,27 @@ def test_wandb_offline_and_tensorboard(tmp_path, monkeypatch):
     assert code == 0
     assert list((run / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_run_dir_of_a_previous_run_is_refused_and_resume_does_not_repeat_steps(tmp_path, capsys):
+    """A second fresh run into the same logging.run_dir is refused with the fix; resume=auto continues it (and
+    metrics.jsonl gets each step once); logging.overwrite=true starts over with the old files moved aside."""
+    run = tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", "train.steps=4", "train.log_interval=1", "train.eval_interval=0",
+            f"logging.run_dir={run}", "checkpoint.interval=2"]
+    assert pretrain.main(args) == 0
+    capsys.readouterr()
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a previous run (metrics.jsonl, checkpoints/)" in err and "checkpoint.resume=auto" in err
+    # resume from step 2 (as after a crash at step 3): steps 3 and 4 are done again, logged once each
+    (run / "checkpoints" / "latest").write_text((run / "checkpoints" / "latest").read_text().replace("step-4",
+                                                                                                       "step-2"))
+    assert pretrain.main(args + ["checkpoint.resume=" + str(run / "checkpoints" / "step-2")]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert pretrain.main(args + ["logging.overwrite=true"]) == 0
+    assert "the previous run's files moved to" in capsys.readouterr().out
+    moved = list(run.glob("previous-*"))
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").is_file() and (moved[0] / "checkpoints").is_dir()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

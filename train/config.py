@@ -104,6 +104,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints/ go here
+    # a run_dir that holds a previous run is refused unless checkpoint.resume continues it, or with overwrite=true
+    # (the previous run's files move to <run_dir>/previous-<time>/, nothing is deleted)
+    overwrite: bool = False
     wandb: bool = False  # offline automatically without an API key
     wandb_project: str = "moetron"
     tensorboard: bool = False

@@ -29,6 +29,16 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
+    def resume_at(self, step: int) -> None:
+        """Continue metrics.jsonl after `step` (a resumed run): records of later steps, which the run will log
+        again, are dropped, so every step appears once."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _step(line) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -47,6 +57,33 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # not a record of ours: dropped
+
+
+def previous_run(run_dir: Path) -> list[str]:
+    """The files of a previous run in `run_dir` (metrics, checkpoints), or []."""
+    found = [name for name in ("metrics.jsonl",) if (run_dir / name).is_file()]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/")
+    return found
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move the previous run's files into <run_dir>/previous-<time>/ (logging.overwrite): nothing is deleted."""
+    import time
+    target = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir()
+    for name in ("metrics.jsonl", "config.yaml", "checkpoints", "tensorboard", "wandb"):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, target / name)
+    return target
 
 
 def format_line(record: dict) -> str:

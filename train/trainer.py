@@ -167,6 +167,7 @@ class Trainer:
                                   f"{meta['step']} at sample {meta['step'] * gbs}; resume with the saved global "
                                   "batch size")
         self.step, self.skipped_in_row = meta["step"], meta["skipped_in_row"]
+        self.logger.resume_at(self.step)
         if self.ps.is_main and meta["lr"] != lr_at(self.step, self.cfg):
             print(f"checkpoint: the LR schedule changed (train.* differs from the saved run): step {self.step} "
                   f"gets lr {lr_at(self.step, self.cfg):.3e}, the saved run would use {meta['lr']:.3e}",
