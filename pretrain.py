@@ -90,10 +90,14 @@ def train(args, stop) -> int:
         ps = init_parallel(cfg.parallel, device)
         stop.device = device = ps.device  # under torchrun on GPUs: cuda:LOCAL_RANK
         if ps.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if earlier and cfg.logging.overwrite and not cfg.checkpoint.resume:
-                print(f"logging.overwrite: the previous run's files moved to {set_aside(run_dir)}", flush=True)
-            save_config(cfg, run_dir / "config.yaml")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if earlier and cfg.logging.overwrite and not cfg.checkpoint.resume:
+                    print(f"logging.overwrite: the previous run's files moved to {set_aside(run_dir)}", flush=True)
+                save_config(cfg, run_dir / "config.yaml")
+            except OSError as e:
+                raise ConfigError("logging.run_dir", f"is {run_dir}, which cannot be written ({e.strerror or e}); "
+                                  "give a folder you can write to") from e
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
 
         t = cfg.train
@@ -105,9 +109,7 @@ def train(args, stop) -> int:
         if t.compile:
             model.compile_blocks()
         if ps.is_main:
-            n = model.num_params()
-            print(f"model: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token; "
-                  f"vocab {plan.vocab_size}; device {device}", flush=True)
+            print(summary(cfg, plan, model, ps, run_dir), flush=True)
         logger = MetricsLogger(run_dir, ps.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
                                cfg.logging.tensorboard, cfg.to_dict())
         checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, ps, cfg.to_dict())
@@ -132,6 +134,23 @@ def train(args, stop) -> int:
             logger.close()
         shutdown_parallel()
     return stop.exit_code
+
+
+def summary(cfg, plan, model, ps, run_dir: Path) -> str:
+    """The start-up summary: what will run, where, how big."""
+    n, t, moe = model.num_params(), cfg.train, cfg.moe
+    moe_text = (f"MoE {moe.num_experts} experts top-{moe.top_k} in {len(model.moe_layers())} of "
+                f"{cfg.model.num_layers} blocks, backend {moe.backend}" if moe.num_experts else "dense")
+    resume = f"resuming ({cfg.checkpoint.resume})" if cfg.checkpoint.resume else "fresh"
+    return "\n".join([
+        f"model: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token; vocab "
+        f"{plan.vocab_size}; {moe_text}",
+        f"batch: {plan.tokens_per_step:,} tokens per step ({t.global_batch_size} sequences of {plan.seq_length}: "
+        f"{plan.accumulation} micro-batches of {t.micro_batch_size} on each of {plan.data_parallel} data-parallel "
+        f"ranks); {t.steps:,} steps, {t.steps * plan.tokens_per_step:,} tokens",
+        f"layout: world {ps.world_size} = tensor {ps.tp_size} x expert {ps.ep_size} x expert-data {ps.edp_size}; "
+        f"device {ps.device}; compile {t.compile}",
+        f"run: {run_dir} ({resume})"])
 
 
 if __name__ == "__main__":

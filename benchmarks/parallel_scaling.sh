@@ -20,8 +20,8 @@ echo "gpu1 rc=$?" >> "$out/rc.txt"
 runs=(gpu1)
 for n in ${GPUS:-2}; do
     for kind in dp ep; do
-        extra=(); [ "$kind" = ep ] && extra=(parallel.expert=$n)
-        timeout "$limit" python3 -m torch.distributed.run --standalone --nproc_per_node=$n pretrain.py "${common[@]}" \
+        extra=(); [ "$kind" = ep ] && extra=("parallel.expert=$n")
+        timeout "$limit" python3 -m torch.distributed.run --standalone --nproc_per_node="$n" pretrain.py "${common[@]}" \
             "${extra[@]}" "logging.run_dir=$out/$kind$n" > "$out/$kind$n.log" 2>&1
         echo "$kind$n rc=$?" >> "$out/rc.txt"
         runs+=("$kind$n")

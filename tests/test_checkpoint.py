@@ -451,7 +451,7 @@ def test_signal_saves_exits_and_resume_matches(straight, tmp_path, sig, code):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step 2 |"):
+        if line.startswith("step 2/"):
             proc.send_signal(sig)
     assert proc.wait(timeout=120) == code, "".join(lines)
     stopped = [line for line in lines if line.startswith("stopping at step")]
@@ -481,7 +481,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step 3 |"):  # the first: a clean stop after this step ...
+        if line.startswith("step 3/"):  # the first: a clean stop after this step ...
             proc.send_signal(signal.SIGINT)
         if line.startswith("stopping at step"):  # ... the second, while the final checkpoint is being saved
             proc.send_signal(signal.SIGINT)
@@ -518,14 +518,14 @@ def test_fault_injection_resume_is_exact(straight, tmp_path, trial):
     at, delay = rng.randint(1, 9), rng.uniform(0, 0.05)
     proc = _start(tmp_path, "checkpoint.resume=auto", "checkpoint.keep=2")
     for line in proc.stdout:
-        if line.startswith(f"step {at} |"):
+        if line.startswith(f"step {at}/"):
             time.sleep(delay)  # into the save of step `at`, or the next step
             proc.send_signal(sig)
     code = proc.wait(timeout=120)
     assert code == {signal.SIGINT: 130, signal.SIGKILL: -9}.get(sig, 0), (sig, code)
     done = _start(tmp_path, "checkpoint.resume=auto", "checkpoint.keep=2")  # the requeued command
     out = done.communicate(timeout=120)[0]
-    assert done.returncode == 0 and "step 12 |" in out, out
+    assert done.returncode == 0 and "step 12/12 |" in out, out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     by_step = {}
     for r in records:

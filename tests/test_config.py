@@ -132,6 +132,8 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
+    (["logging.run_dir=/proc/nope/run"], "cannot be written"),
+    (["data.tokenizer=TOKENIZER_OTHER"], "does not match the data"),
     (["data.paths=[nowhere/data]"], "data.paths names nowhere/data"),
     (["data.tokenizer=nowhere.model"], "data.tokenizer"),
     (["train.device=cuda"], "no CUDA device is visible"),
@@ -142,7 +144,12 @@ def test_start_up_errors_are_one_line_without_traceback(tmp_path, capsys, monkey
     if torch.cuda.is_available() and "cuda" in overrides[0]:
         pytest.skip("a GPU is visible")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    code = pretrain.main(["--config", "configs/tiny.yaml", *overrides, f"logging.run_dir={tmp_path}/run",
+    if "TOKENIZER_OTHER" in overrides[0]:  # a tokenizer other than the one the data was made with
+        from data.tokenizer import train_sentencepiece
+        other = train_sentencepiece([f"the quick brown fox {i} jumps" for i in range(300)], str(tmp_path / "o.model"),
+                                    vocab_size=320, num_threads=1)
+        overrides = [f"data.tokenizer={other.info.path}"]
+    code = pretrain.main(["--config", "configs/tiny.yaml", f"logging.run_dir={tmp_path}/run", *overrides,
                           "checkpoint.save=false", "train.steps=1"])
     err = capsys.readouterr().err
     assert code == 2 and words in err and "Traceback" not in err, err

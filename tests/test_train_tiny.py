@@ -29,7 +29,14 @@ def test_tiny_loss_falls_and_metrics_schema(tmp_path, capsys):
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     assert "val_loss" in records[-1] and records[-1]["val_loss"] < records[0]["loss"]
     assert (run / "config.yaml").exists()
-    assert "loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # the start-up summary, and lines that tell time
+    assert "MoE 4 experts top-2 in 2 of 2 blocks, backend reference" in out
+    assert "batch: 2,048 tokens per step (16 sequences of 128" in out and "30 steps, 61,440 tokens" in out
+    assert "layout: world 1 = tensor 1 x expert 1 x expert-data 1" in out and f"run: {run} (fresh)" in out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 5/30 | loss") and "| elapsed " in lines[0] and "| ETA " in lines[0]
+    assert "| ETA 0s" in lines[-1] and all("tokens_per_s" in line for line in lines)
 
 
 def test_wandb_offline_and_tensorboard(tmp_path, monkeypatch):

@@ -86,11 +86,22 @@ def set_aside(run_dir: Path) -> Path:
     return target
 
 
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def format_line(record: dict) -> str:
     parts = []
     for key, fmt in CONSOLE_KEYS:
         if record.get(key) is not None:
             parts.append(f"{key} {fmt.format(record[key])}")
+    if "total_steps" in record:
+        parts[0] = f"step {record['step']}/{record['total_steps']}"
+    for key, name in (("elapsed_s", "elapsed"), ("eta_s", "ETA")):
+        if record.get(key) is not None:
+            parts.append(f"{name} {duration(record[key])}")
     moe = [v for k, v in record.items() if k.endswith("/max_over_mean")]
     if moe:
         parts.append(f"load max/mean {max(moe):.2f}")

@@ -115,6 +115,7 @@ class Trainer:
         batches = self.data.train_batches(self.step * t.global_batch_size, t.micro_batch_size, self.accumulation)
         self.model.train()
         history, window, tick = [], [], time.perf_counter()
+        self.started = tick
         try:
             while self.step < t.steps:
                 window.append(self.train_step(batches))
@@ -183,7 +184,9 @@ class Trainer:
                "tokens_per_s": seqs_per_s * plan.seq_length, "tflops": tflops,
                "mfu": tflops * 1e12 / self.peak if self.peak else None,
                "mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
-               "step_time_s": elapsed / n}
+               "step_time_s": elapsed / n, "total_steps": self.cfg.steps,
+               "elapsed_s": time.perf_counter() - self.started,
+               "eta_s": (self.cfg.steps - self.step) * elapsed / n}  # at this interval's pace
         return {**rec, **self.model.moe_stats.reduce_and_reset()}
 
 
