@@ -1,12 +1,12 @@
-"""Where one training step's GPU time goes, by phase: attention, router, MoE experts (dispatch, kernels, combine),
-dense MLP, LM head + loss, optimizer, everything else.
+"""Where one training step's GPU time goes, by phase: attention, the blocks' GEMMs, MoE kernels (experts,
+dispatch, combine), routing, layer norms and fused elementwise work, LM head + loss, optimizer, gradient clip.
 
     python3 benchmarks/profile_step.py --config configs/moe_xs.yaml --steps 3 train.micro_batch_size=64 \
         data.vocab_divisible_by=51200 moe.backend=scatter
 
 Builds the run as pretrain.py does (the config's train.compile included; one micro-batch per step), runs
 --warmup steps, then profiles --steps steps with torch.profiler and sums the kernel time of every operator into
-the phase of the code that called it (from the operator's Python stack: the module classes and files around it).
+its phase (from names alone, see phase_of: works in eager and compiled runs alike).
 Prints a table (ms per step and share) and writes it as JSON with --json. Runs on the CPU too (operator CPU time
 instead of kernel time), for a smoke test.
 """
@@ -23,19 +23,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train.config import load_config  # noqa: E402
 
-# a fragment of the operator's Python stack -> its phase; the first match wins (the innermost code is listed
-# first in a stack, so specific files come before the modules around them)
-PHASES = [("torch/optim", "optimizer"), ("parallel/grads.py", "gradient sync and clip"),
-          ("parallel/cross_entropy.py", "LM head + loss"), ("moe/router.py", "router"),
-          ("moe/experts/", "MoE experts"), ("moe/kernels/", "MoE experts"),
-          ("moe/dispatch.py", "MoE dispatch + combine"), ("moe/", "MoE other (capacity, statistics)"),
-          ("nn.Module: Attention", "attention"), ("nn.Module: MLP", "dense MLP"),
-          ("nn.Module: LayerNorm", "layer norms"), ("nn.Module: Embedding", "embedding")]
+# Phases from names only (the profiler's Python frames are missing on some GPU builds, and compiled blocks have
+# none): the record_function labels the model sets outside the compiled blocks, the autograd node of a backward
+# operator (mapped to its forward operator by sequence number), then the operator's own kind.
+LM_LOSS = "lm_loss"  # model/gpt.py's label around the fused LM head + cross-entropy
 BACKWARD = "autograd::engine::evaluate_function"
+KINDS = [(("attention", "flash", "sdpa", "fmha"), "attention"),
+         (("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::linear"),
+          "GEMMs in the blocks (projections, router, dense MLP, grouped experts)"),
+         (("layer_norm",), "layer norms"), (("topk", "softmax", "sort", "bincount", "histc", "scatter_add"),
+                                           "router and routing bookkeeping"),
+         (("embedding",), "embedding"), (("triton_",), "fused elementwise in the compiled blocks")]
 
 
 def chain(event) -> list:
-    """The event and its enclosing events, innermost first (Python frames and modules among them)."""
+    """The event and its enclosing events, innermost first."""
     out = []
     while event is not None:
         out.append(event)
@@ -43,10 +45,19 @@ def chain(event) -> list:
     return out
 
 
-def phase_of(names: list[str]) -> str:
-    """The phase of an operator from the names of the frames around it, innermost first."""
-    for fragment, phase in PHASES:
-        if any(fragment in name for name in names):
+def phase_of(own: str, context: list[str]) -> str:
+    """`own`: the operator's name; `context`: the names around it and, for a backward operator, around its
+    forward operator."""
+    if any(n.startswith("Optimizer.step") for n in context):
+        return "optimizer"
+    if own.startswith(("aten::_foreach_norm", "aten::_foreach_mul")):
+        return "gradient clip"
+    if LM_LOSS in context:
+        return "LM head + loss"
+    if any(n.startswith("moetron::") for n in context):
+        return "MoE kernels (experts, dispatch, combine)"
+    for fragments, phase in KINDS:
+        if any(f in own.lower() for f in fragments):
             return phase
     return "everything else"
 
@@ -58,6 +69,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json")
+    p.add_argument("--top", type=int, default=0, help="also print the N operators and kernels of most device time")
     args = p.parse_args()
 
     from data.loader import GPTData
@@ -89,7 +101,7 @@ def main() -> None:
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities, with_modules=True, with_stack=True) as prof:
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
             trainer.train_step(batches)
         if cuda:
@@ -97,21 +109,19 @@ def main() -> None:
     batches.close()
 
     totals: dict[str, float] = defaultdict(float)
-    events = prof.events()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU  # operators and labels
+              and not (".py(" in e.name or e.name.startswith(("nn.Module", "<built-in")))]
     # a backward operator runs under autograd's evaluate_function of its node, whose sequence number is that of
-    # the forward operator that made the node: it takes that operator's phase
-    forward = {e.sequence_nr: phase_of([c.name for c in chain(e)]) for e in events
+    # the forward operator that made the node: it sees the labels around that operator too
+    forward = {e.sequence_nr: [c.name for c in chain(e)] for e in events
                if e.sequence_nr >= 0 and not any(c.name.startswith(BACKWARD) for c in chain(e))}
 
     def phase(event) -> str:
-        for c in chain(event):
-            if c.name.startswith(BACKWARD):
-                return forward.get(c.sequence_nr, "everything else")
-        return phase_of([c.name for c in chain(event)])
+        names = [c.name for c in chain(event)]
+        node = next((c for c in chain(event) if c.name.startswith(BACKWARD)), None)
+        return phase_of(event.name, names + (forward.get(node.sequence_nr, []) if node is not None else []))
 
-    for event in events:  # operators (not Python frames); each carries the time of the kernels it launched
-        if ".py(" in event.name or event.name.startswith("nn.Module"):
-            continue
+    for event in events:  # each operator carries the time of the kernels it launched itself
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0:
             totals[phase(event)] += us / 1000 / args.steps
@@ -121,6 +131,9 @@ def main() -> None:
     print("| phase | ms per step | share |\n|---|---|---|")
     for phase, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {phase} | {ms:.2f} | {ms / total:.1%} |")
+    if args.top:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=args.top, max_name_column_width=90))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "overrides": args.overrides, "device": str(device),

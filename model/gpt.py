@@ -172,8 +172,10 @@ class GPT(nn.Module):
                 z_terms.append(z)
         x = self.ln_f(x)
         weight = self.head.weight if self.head is not None else self.embed.weight  # [V / tp, d]
-        # the logits [B*S, V / tp] are computed chunk by chunk inside the loss, never whole
-        lm = self.layers.lm_loss(x.view(B * S, -1), weight, targets.reshape(-1), compute_dtype(x))
+        # the logits [B*S, V / tp] are computed chunk by chunk inside the loss, never whole; the label names the
+        # phase in profiles (benchmarks/profile_step.py)
+        with torch.profiler.record_function("lm_loss"):
+            lm = self.layers.lm_loss(x.view(B * S, -1), weight, targets.reshape(-1), compute_dtype(x))
         zero = lm.new_zeros(())
         aux = torch.stack(aux_terms).mean() if aux_terms else zero
         z = torch.stack(z_terms).mean() if z_terms else zero

@@ -5,9 +5,10 @@ in fp32.
 
 Per chunk of `chunk_size` rows: logits = x_c @ w^T in the compute dtype (bf16 on the GPU), the log-sum-exp in
 fp32 per row, and at once the gradient of the mean loss, g = (softmax - onehot) / N, in the compute dtype; then
-dx_c = g @ w and dw += g^T @ x_c (fp32 accumulation over the chunks). The backward only scales the saved dx and
-dw by the incoming gradient, so the head's matmul is not recomputed (the approach of Liger-Kernel's fused linear
-cross-entropy; written here because it must also run vocabulary-parallel and on the CPU).
+dx_c = g @ w and dw += g^T @ x_c (fp32 accumulation over the chunks, inside the GEMM on CUDA). The backward only
+scales the saved dx and dw by the incoming gradient, so the head's matmul is not recomputed (the approach of
+Liger-Kernel's fused linear cross-entropy; written here because it must also run vocabulary-parallel and on the
+CPU).
 
 Vocabulary-parallel (`group` = the tensor-parallel group): each rank holds rows [first, first + V / tp) of w and
 gets the global targets. Per chunk the row maxima are all-reduced (max), then the sums of exp and the target's
@@ -85,7 +86,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if with_grad:
                 g = grad(logits, local, lse, 1.0 / N)
                 dx[s:s + chunk_size] = g @ w
-                dw += (g.t() @ xc).float()  # rounded per chunk in the compute dtype, summed in fp32
+                if cuda:  # one cuBLAS call: bf16 inputs accumulated into the fp32 dw (beta = 1)
+                    dw = torch.addmm(dw, g.t(), xc, out_dtype=torch.float32)
+                else:  # the CPU has no addmm with out_dtype: rounded per chunk, summed in fp32
+                    dw += (g.t() @ xc).float()
         ctx.save_for_backward(dx, dw)
         return loss / N
 

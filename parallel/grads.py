@@ -18,6 +18,9 @@ scaled and all-reduced asynchronously while backward goes on. Buckets are launch
 every rank issues the same collectives in the same order even when readiness differs; `finish` launches the rest
 (a parameter without a gradient gets zeros), waits, and copies the results back.
 
+Where a gradient lives: `p.grad` by default; with bf16 working weights over fp32 masters (train/precision.py),
+`read_grads_with` points the sync at the fp32 main gradient, which it reduces and clips in place.
+
 Clipping norm: ||g||^2 = sum over parameters of ||g_p||^2 / copies_p, all-reduced once over the world, where
 copies_p is the number of ranks holding that same gradient after the sync (parallel/shards.py `copies`):
 world / tp for tensor-split weights, world / ep for expert weights under expert parallelism, world for
@@ -53,6 +56,7 @@ class GradSync:
         self.next = 0  # index of the next bucket to launch
         self.buckets: list[_Bucket] = []
         self.bucket_of: dict[nn.Parameter, _Bucket] = {}
+        self.grad_of = lambda p: p.grad
         if ps.dp_size > 1:
             self._build_buckets(bucket_mb * 2**20)
 
@@ -73,6 +77,10 @@ class GradSync:
                 del current[expert]
             p.register_post_accumulate_grad_hook(self._on_grad)
 
+    def read_grads_with(self, grad_of) -> None:
+        """`grad_of(p)`: the tensor holding p's gradient (None: none yet), reduced and clipped in place."""
+        self.grad_of = grad_of
+
     def begin_backward(self, last: bool) -> None:
         """Call before each micro-batch's backward; only the last one's gradients are final and reduced."""
         self.armed = last
@@ -88,15 +96,17 @@ class GradSync:
 
     def _launch(self, b: _Bucket) -> None:
         for p in b.params:
-            if p.grad is None:
+            if self.grad_of(p) is None:
                 p.grad = torch.zeros_like(p)
-        b.buffer = torch.cat([p.grad.reshape(-1) for p in b.params]).mul_(self.scale)
+        b.buffer = torch.cat([self.grad_of(p).reshape(-1) for p in b.params]).mul_(self.scale)
         if b.group is not None:
             b.work = dist.all_reduce(b.buffer, group=b.group, async_op=True)
 
-    def finish(self, max_norm: float) -> torch.Tensor:
-        """Complete the reduction, then clip all gradients to `max_norm` (0: no clipping).
-        Returns the global gradient norm as a device tensor (no host sync)."""
+    def finish(self, max_norm: float, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Complete the reduction and compute the clipping factor min(1, max_norm / norm) (1 when max_norm is 0).
+        `scale`: multiply the gradients by it here; False leaves that to a fused optimizer (the trainer passes
+        it as AdamW's grad_scale, saving a pass over every gradient). Returns (global gradient norm, factor),
+        device tensors (no host sync)."""
         for b in self.buckets[self.next:]:
             self._launch(b)
         for b in self.buckets:
@@ -104,27 +114,35 @@ class GradSync:
                 b.work.wait()
             offset = 0
             for p in b.params:
-                p.grad.copy_(b.buffer[offset:offset + p.numel()].view_as(p.grad))
+                grad = self.grad_of(p)
+                grad.copy_(b.buffer[offset:offset + p.numel()].view_as(grad))
                 offset += p.numel()
             b.ready, b.buffer, b.work = 0, None, None
         self.next, self.armed = 0, False
-        return self.clip(max_norm)
+        return self.clip(max_norm, scale)
 
-    def clip(self, max_norm: float) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.ps.device)
+    def clip(self, max_norm: float, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global norm, clipping factor) of the gradients as they are; `scale`: multiply them by the factor."""
+        norm = self.norm()
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norm)
+        grads = [g for g in map(self.grad_of, self.params) if g is not None]
+        if scale and max_norm > 0 and grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        return norm, factor
+
+    def norm(self) -> torch.Tensor:
+        """The global gradient norm, each distinct gradient element counted once (see the module docstring)."""
         by_copies: dict[int, list[torch.Tensor]] = {}
         for p in self.params:
-            if p.grad is not None:
-                by_copies.setdefault(copies(p, self.ps), []).append(p.grad)
+            grad = self.grad_of(p)
+            if grad is not None:
+                by_copies.setdefault(copies(p, self.ps), []).append(grad)
+        if not by_copies:
+            return torch.zeros((), device=self.ps.device)
         sq = sum(torch.stack(torch._foreach_norm(gs)).float().square().sum() / c for c, gs in by_copies.items())
         if self.ps.world_size > 1:
             dist.all_reduce(sq)
-        norm = sq.sqrt()
-        if max_norm > 0:
-            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
-        return norm
+        return sq.sqrt()
 
     def average(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Means over the data-parallel ranks of per-rank scalars (losses for logging; one all-reduce)."""

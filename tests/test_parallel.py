@@ -95,7 +95,8 @@ def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> No
     for key in want:  # expert load, dropped fraction, aux and z: over every data-parallel rank
         _close(torch.tensor(got[key]), torch.tensor(want[key]), f"MoE metric {key}")
     mean = sync.average({"loss": local_loss})
-    norm = sync.finish(max_norm=0)
+    norm, factor = sync.finish(max_norm=0)
+    assert float(factor) == 1.0
     _close(mean["loss"], ref_loss, "loss")
     _close(norm, ref_norm, "grad norm")
     ref_params = dict(ref.named_parameters())
@@ -105,9 +106,10 @@ def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> No
     for name, p in model.named_parameters():
         _close(_full(p, p.detach(), ps), ref_params[name].detach(), f"parameter {name}")
         _close(_full(p, p.grad, ps), ref_params[name].grad, f"gradient of {name}")
-    clipped = sync.clip(max_norm=0.5 * float(ref_norm))  # clipping scales every shard alike
+    clipped, factor = sync.clip(max_norm=0.5 * float(ref_norm))  # clipping scales every shard alike
     _close(clipped, ref_norm, "norm before clipping")
-    _close(sync.clip(max_norm=0), 0.5 * ref_norm, "norm after clipping")
+    _close(factor, torch.tensor(0.5), "clipping factor")
+    _close(sync.clip(max_norm=0)[0], 0.5 * ref_norm, "norm after clipping")
 
 
 def check_dispatch_identity(ep: int) -> None:

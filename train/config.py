@@ -43,6 +43,7 @@ class TrainConfig:
     eval_batches: int = 4
     seed: int = 1234
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    master_weights: bool = True  # with bf16: bf16 weights over fp32 masters (train/precision.py); false: autocast
     compile: bool = False  # torch.compile each block (the paper configs turn it on)
     device: str = "auto"  # auto | cpu | cuda
     max_skipped: int = 5  # consecutive non-finite steps before the run stops

@@ -24,6 +24,7 @@ from train.flops import peak_flops
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, lr_at
 from train.plan import RunPlan
+from train.precision import MasterWeights
 from train.signals import StopRequest
 
 
@@ -42,7 +43,14 @@ class Trainer:
         self.accumulation = plan.accumulation
         self.optimizer = build_optimizer(model, cfg)
         self.device = ps.device
-        self.autocast_dtype = torch.bfloat16 if resolve_dtype(cfg.dtype, self.device) == "bf16" else None
+        bf16 = resolve_dtype(cfg.dtype, self.device) == "bf16"
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.weights = None  # fp32 weights (under bf16 autocast where bf16)
+        if bf16 and cfg.master_weights:
+            self.weights = MasterWeights([p for g in self.optimizer.param_groups for p in g["params"]])
+            grad_sync.read_grads_with(self.weights.fold)
+        # a fused AdamW applies the clipping factor as its grad_scale (no separate pass over the gradients)
+        self.fused = bool(self.optimizer.defaults.get("fused"))
         self.peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
         self.step = 0
         self.skipped_in_row = 0
@@ -69,19 +77,32 @@ class Trainer:
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v / self.accumulation
         sums = self.grad_sync.average(sums)  # means over the data-parallel ranks: every rank skips alike
-        grad_norm = self.grad_sync.finish(self.cfg.clip_grad)  # wait for the reduction, clip (0: off)
+        # wait for the reduction; the clipping factor (1 when train.clip_grad=0)
+        grad_norm, factor = self.grad_sync.finish(self.cfg.clip_grad, scale=not self.fused)
         sums["grad_norm"] = grad_norm
         applied = bool(torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm))  # the step's one host sync
-        if applied:
-            self.optimizer.step()
-            self.skipped_in_row = 0
+        with self.master_weights():
+            if applied:
+                self.optimizer_step(factor)
+                self.skipped_in_row = 0
+            self.optimizer.zero_grad(set_to_none=True)
         if not applied:
             self.skipped_in_row += 1
             self.report_skip(sums)
         self.model.end_step(applied)  # per-step state of the MoE layers (expert bias, global aux counts)
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return sums
+
+    def master_weights(self):
+        """The parameters as fp32 masters (train/precision.py) for the optimizer and checkpoints; as they are
+        without master weights."""
+        return self.weights.masters() if self.weights is not None else contextlib.nullcontext()
+
+    def optimizer_step(self, factor: torch.Tensor) -> None:
+        if self.fused:  # AdamW divides the gradients by grad_scale; found_inf (a device flag) stays 0
+            self.optimizer.grad_scale = factor.reciprocal()
+            self.optimizer.found_inf = torch.zeros_like(factor)
+        self.optimizer.step()
 
     def report_skip(self, sums: dict) -> None:
         """Print the skipped step and its suspects; stop the run with TrainingDiverged after train.max_skipped
@@ -152,11 +173,13 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.checkpointer is not None:
-            self.checkpointer.save(self.step, self.model, self.optimizer, self.checkpoint_meta())
+            with self.master_weights():
+                self.checkpointer.save(self.step, self.model, self.optimizer, self.checkpoint_meta())
 
     def load_checkpoint(self, path) -> None:
         """Restore model, optimizer, RNG and step from a step-N folder (see train/checkpoint.py)."""
-        meta = self.checkpointer.load(path, self.model, self.optimizer)
+        with self.master_weights():
+            meta = self.checkpointer.load(path, self.model, self.optimizer)
         for key, kind in (("consumed_samples", int), ("skipped_in_row", int), ("lr", (int, float))):
             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
                 raise CheckpointError(f"checkpoint {path}: meta.json has no valid {key!r} ({meta.get(key)!r}); it was "
