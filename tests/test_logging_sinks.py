@@ -206,7 +206,8 @@ def test_logger_without_training(tmp_path):
     logger = MetricsLogger(tmp_path, True, wandb=True)
     logger.start(4)
     logger.close()
-    assert json.loads((tmp_path / "wandb.json").read_text()) == {"id": logger.wandb.id, "step": 0} != a["id"]
+    assert json.loads((tmp_path / "wandb.json").read_text()) == {"id": logger.wandb.id, "step": 0}
+    assert logger.wandb.id != a["id"]
 
 
 def test_expert_counts_as_histograms():
