@@ -179,7 +179,7 @@ def test_resumed_run_continues_the_wandb_run_and_logs_each_step_once(tmp_path):
     assert_wandb_holds(records[4:], b["history"])
 
 
-def test_logger_without_training(tmp_path):
+def test_logger_without_training(tmp_path, capsys):
     """The sinks on hand-made records: a start after step 2 drops the later JSONL records and hides the later
     TensorBoard events; wandb's stored step keeps steps it holds from being sent again; an unreadable
     wandb.json starts a new wandb run and says so."""
@@ -206,6 +206,7 @@ def test_logger_without_training(tmp_path):
     logger = MetricsLogger(tmp_path, True, wandb=True)
     logger.start(4)
     logger.close()
+    assert "wandb.json is unreadable" in capsys.readouterr().out
     assert json.loads((tmp_path / "wandb.json").read_text()) == {"id": logger.wandb.id, "step": 0}
     assert logger.wandb.id != a["id"]
 
