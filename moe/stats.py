@@ -5,10 +5,11 @@ During training each MoE layer records, on the device and without host syncs:
                  expert-bias update, and, for the global load-balance loss, all-reduced over the data-parallel
                  group and summed over the step so far;
     the layer    per call: max and mean assignments per expert, fraction of idle experts, aux and z loss,
-                 assignments dropped by the capacity step (`record_layer`).
+                 assignments dropped by the capacity step, and the assignments of every expert (`record_layer`).
 The trainer reads it:
     reduce_and_reset()  once per log interval: sums the interval over the data-parallel group (a collective, so
-                        every rank calls it at the same step) and clears it; returns the metrics by name;
+                        every rank calls it at the same step) and clears it; returns the metrics by name, among
+                        them each layer's assignments per expert over the interval (the data of a load heatmap);
     nonfinite()         on a skipped step only: which layers' aux or z loss of this step is not finite (this
                         rank's, no collective, nothing cleared);
     step_loads() / end_step()  after every optimizer step, applied or skipped (GPT.end_step).
@@ -31,6 +32,8 @@ class MoEStats(nn.Module):
         super().__init__()
         self.group = group
         self.register_buffer("interval", torch.zeros(num_layers, len(FIELDS)), persistent=False)
+        self.register_buffer("interval_counts", torch.zeros(num_layers, num_experts, dtype=torch.int64),
+                             persistent=False)  # this rank's assignments per expert, this log interval (exact)
         self.register_buffer("step_counts", torch.zeros(num_layers, num_experts, dtype=torch.int64),
                              persistent=False)  # this rank's, this optimizer step
         self.register_buffer("global_counts", torch.zeros(num_layers, num_experts, dtype=torch.int64),
@@ -54,26 +57,33 @@ class MoEStats(nn.Module):
     @torch.no_grad()
     def record_layer(self, layer: int, counts: torch.Tensor, aux_loss: torch.Tensor, z_loss: torch.Tensor,
                      num_dropped: torch.Tensor) -> None:
+        self.interval_counts[layer] += counts
         counts = counts.float()
         self.step_losses[layer] += torch.stack([aux_loss.detach().float(), z_loss.detach().float()])
         self.interval[layer] += torch.stack([
             counts.max(), counts.mean(), (counts == 0).float().mean(), aux_loss.detach().float(),
             z_loss.detach().float(), num_dropped.float(), counts.sum(), torch.ones_like(counts[0])])
 
-    def reduce_and_reset(self) -> dict[str, float]:
-        """The interval's metrics over every data-parallel rank, `moe/<layer>/<name>`; clears the interval.
-        A collective: every rank calls it together."""
+    def reduce_and_reset(self) -> dict[str, float | list[int]]:
+        """The interval's metrics over every data-parallel rank, `moe/<layer>/<name>`, and
+        `moe/<layer>/tokens_per_expert`: the layer's [E] assignments per expert summed over the interval (each
+        token counts top_k times; before any capacity drop). Clears the interval. A collective: every rank calls
+        it together."""
         if self.num_layers == 0:
             return {}
         s = all_reduce_sum(self.interval.clone(), self.group).double()
+        counts = all_reduce_sum(self.interval_counts.clone(), self.group)  # int64: exact at any size
         self.interval.zero_()
+        self.interval_counts.zero_()
         col = {name: s[:, i] for i, name in enumerate(FIELDS)}
         calls = col["calls"].clamp(min=1)
         out = {key: col[key] / calls for key in ("tokens_max", "tokens_mean", "idle_frac", "aux_loss", "z_loss")}
         out["max_over_mean"] = col["tokens_max"] / col["tokens_mean"].clamp(min=1e-9)
         out["dropped_frac"] = col["dropped"] / col["assignments"].clamp(min=1)
-        values = torch.stack(list(out.values()), 1).tolist()  # the one host sync: [L, metrics]
-        return {f"moe/{i}/{key}": v for i, row in enumerate(values) for key, v in zip(out, row)}
+        values = torch.stack(list(out.values()), 1).tolist()  # host reads of the log step: [L, metrics]
+        per_expert = counts.tolist()  # [L, E]
+        return {f"moe/{i}/{key}": v for i, row in enumerate(values) for key, v in
+                [*zip(out, row), ("tokens_per_expert", per_expert[i])]}
 
     def nonfinite(self) -> list[str]:
         """'moe/<layer>/<loss>=<value>' for each of this step's aux and z losses that is not finite (host reads)."""

@@ -79,6 +79,9 @@ def test_reference_moe_by_hand():
     assert z.item() == pytest.approx(z_by_hand, rel=1e-5)
     m = layer.stats.reduce_and_reset()
     assert m["moe/0/tokens_max"] == max(counts) and m["moe/0/dropped_frac"] == 0
+    assert m["moe/0/tokens_per_expert"] == counts == [2, 1]  # exact ints, per expert
+    layer(x), layer(x)  # the per-expert counts sum over the interval's calls, and the read clears them
+    assert layer.stats.reduce_and_reset()["moe/0/tokens_per_expert"] == [4, 2]
 
 
 @pytest.mark.parametrize("backend", ["reference", "grouped", "padded"])

@@ -92,8 +92,10 @@ def check_parity(tp: int, ep: int, backend: str = "reference", **model_kw) -> No
         local_loss += loss.detach() / ACCUMULATION
     got, want = model.moe_stats.reduce_and_reset(), ref.moe_stats.reduce_and_reset()
     assert got.keys() == want.keys() and want
-    for key in want:  # expert load, dropped fraction, aux and z: over every data-parallel rank
-        _close(torch.tensor(got[key]), torch.tensor(want[key]), f"MoE metric {key}")
+    for key in want:  # expert load, dropped fraction, aux and z, tokens per expert: over every data-parallel rank
+        # the tokens per expert are sums: the reference, run alike in every process, sums over all of them
+        scale = dist.get_world_size() if key.endswith("/tokens_per_expert") else 1
+        _close(torch.tensor(got[key]) * scale, torch.tensor(want[key]), f"MoE metric {key}")
     mean = sync.average({"loss": local_loss})
     norm, factor = sync.finish(max_norm=0)
     assert float(factor) == 1.0

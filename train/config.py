@@ -108,7 +108,9 @@ class LoggingConfig:
     # a run_dir that holds a previous run is refused unless checkpoint.resume continues it, or with overwrite=true
     # (the previous run's files move to <run_dir>/previous-<time>/, nothing is deleted)
     overwrite: bool = False
-    wandb: bool = False  # offline automatically without an API key
+    # the same record as metrics.jsonl to wandb (offline automatically without an API key; a resumed run continues
+    # the wandb run whose id <run_dir>/wandb.json keeps) and to TensorBoard (<run_dir>/tensorboard); train/metrics.py
+    wandb: bool = False
     wandb_project: str = "moetron"
     tensorboard: bool = False
 

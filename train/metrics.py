@@ -1,62 +1,124 @@
-"""One metrics record per log interval: a console line, a JSONL line, and optionally wandb and TensorBoard.
+"""One metrics record per log interval, the same values in every sink: a console line, metrics.jsonl, and
+optionally wandb and TensorBoard. Only rank 0 writes.
 
-Only rank 0 writes. wandb runs offline when there is no API key (or when going online fails), with a short
-init timeout, so a run never hangs on the network.
+The record (Trainer.record): scalars by name (`loss`, `lr`, `moe/<layer>/tokens_max`, ...; None where a value does
+not apply, such as MFU on a CPU) and, per MoE layer, `moe/<layer>/tokens_per_expert`: the [E] assignments per
+expert summed over the interval (moe/stats.py). Each sink writes it as:
+    console        the main scalars, the highest max/mean load of any layer, the mean dropped fraction
+    metrics.jsonl  the record as it is, the per-expert counts as lists of ints
+    wandb          the scalars (None left out); each per-expert list as a wandb.Histogram with one bin per expert
+                   (edges e - 0.5, e + 0.5) holding its count: wandb draws a histogram logged over steps as a
+                   heatmap, so each layer's panel is its load heatmap (step x expert) without a custom chart, and
+                   the history keeps the exact counts (a per-expert scalar would give L x E line charts, a Table
+                   per step an artifact per step); the resolved config as the run's config
+    TensorBoard    the scalars; each list as a histogram with one bucket per expert (add_histogram_raw: the exact
+                   counts, shown over steps in the Histograms and Distributions tabs); the config as text
+A resumed run continues after its checkpoint's step in every sink: metrics.jsonl drops the later records,
+TensorBoard hides the later events (purge_step), and wandb continues the same run: its id and the last step
+sent to it are kept in <run_dir>/wandb.json, and steps wandb already holds are not sent again (a wandb run's
+history only grows; its rewind is a private preview).
+
+wandb runs offline when there is no API key (or when going online fails), with a short init timeout, so a run
+never hangs on the network.
 """
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
+
+import yaml
 
 CONSOLE_KEYS = [("step", "{:d}"), ("loss", "{:.4f}"), ("lm_loss", "{:.4f}"), ("aux_loss", "{:.4f}"),
                 ("z_loss", "{:.3f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"),
                 ("tflops", "{:.1f}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}"),
                 ("val_loss", "{:.4f}")]
+WANDB_STATE = "wandb.json"  # {"id": the wandb run id, "step": the last step sent to it}
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, wandb: bool = False, wandb_project: str = "moetron",
                  tensorboard: bool = False, config: dict | None = None):
+        """Nothing is opened until `start`; `config` is the resolved config (wandb's config, TensorBoard text)."""
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.want_wandb, self.want_tb, self.project, self.config = wandb, tensorboard, wandb_project, config
         self.wandb = self.tb = None
-        if not enabled:
-            return
-        if wandb:
-            self.wandb = _start_wandb(wandb_project, Path(run_dir), config)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.wandb_step = 0  # the last step the wandb run holds
+        self.started = False
 
-    def resume_at(self, step: int) -> None:
-        """Continue metrics.jsonl after `step` (a resumed run): records of later steps, which the run will log
-        again, are dropped, so every step appears once."""
-        if not self.enabled or not self.path.is_file():
+    def start(self, step: int = 0) -> None:
+        """Open the sinks for a run that continues after `step` (0: from the start). Records of later steps that
+        an earlier run in this run_dir logged (this run logs them again) are dropped from metrics.jsonl and
+        hidden in TensorBoard, so every step appears once."""
+        self.started = True
+        if not self.enabled:
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _step(line) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and _step(line) <= step]
+            _write_atomic(self.path, "".join(line + "\n" for line in kept))
+        if self.want_tb:
+            from torch.utils.tensorboard import SummaryWriter
+            folder = self.run_dir / "tensorboard"
+            # purge_step: TensorBoard ignores the events of steps >= it written before this writer's
+            self.tb = SummaryWriter(str(folder), purge_step=step + 1 if folder.is_dir() else None)
+            if self.config is not None:  # indented: Markdown shows it as code
+                text = yaml.safe_dump(self.config, sort_keys=False)
+                self.tb.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), step)
+        if self.want_wandb:
+            self.wandb, self.wandb_step = _start_wandb(self.project, self.run_dir, self.config)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        if not self.started:
+            raise RuntimeError("MetricsLogger.log before start(step): the sinks are not open")
+        step = record["step"]
         print(format_line(record), flush=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
+        if self.wandb is not None and step > self.wandb_step:  # steps it holds from before a resume: kept
+            self.wandb.log(wandb_values(record), step=step)
+            self.wandb_step = step
+            _write_atomic(self.run_dir / WANDB_STATE, json.dumps({"id": self.wandb.id, "step": step}))
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+                if isinstance(v, list):
+                    self.tb.add_histogram_raw(k, **expert_histogram(v), global_step=step)
+                elif isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def wandb_values(record: dict) -> dict:
+    """The record as wandb.log takes it: the step goes as step=, None is left out, and each per-expert list
+    becomes a histogram with one bin per expert, centred on its id (a plain list past wandb's most bins)."""
+    import wandb
+    out = {}
+    for k, v in record.items():
+        if k == "step" or v is None:
+            continue
+        if isinstance(v, list) and len(v) <= wandb.Histogram.MAX_LENGTH:
+            v = wandb.Histogram(np_histogram=(v, [e - 0.5 for e in range(len(v) + 1)]))
+        out[k] = v
+    return out
+
+
+def expert_histogram(counts: list[int]) -> dict:
+    """add_histogram_raw's arguments for [E] counts per expert: bucket e holds expert e's count (right edge
+    e + 0.5); min, max, sum and sum of squares are those of the expert ids, each assignment one sample."""
+    used = [e for e, c in enumerate(counts) if c]
+    return {"min": used[0] if used else 0, "max": used[-1] if used else 0, "num": sum(counts),
+            "sum": sum(e * c for e, c in enumerate(counts)),
+            "sum_squares": sum(e * e * c for e, c in enumerate(counts)),
+            "bucket_limits": [e + 0.5 for e in range(len(counts))], "bucket_counts": counts}
 
 
 def _step(line: str) -> float:
@@ -80,7 +142,7 @@ def set_aside(run_dir: Path) -> Path:
     import time
     target = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
     target.mkdir()
-    for name in ("metrics.jsonl", "config.yaml", "checkpoints", "tensorboard", "wandb"):
+    for name in ("metrics.jsonl", "config.yaml", "checkpoints", "tensorboard", "wandb", WANDB_STATE):
         if (run_dir / name).exists():
             os.replace(run_dir / name, target / name)
     return target
@@ -112,13 +174,42 @@ def format_line(record: dict) -> str:
 
 
 def _start_wandb(project: str, run_dir: Path, config: dict | None):
+    """-> (the wandb run, the last step it holds). The run of <run_dir>/wandb.json continues (resume="allow"), or
+    a new one starts and its id is stored there at once (so a requeue before the first log continues it too)."""
     import wandb
+    state = _wandb_state(run_dir / WANDB_STATE)
+    run_id, step = (state["id"], state["step"]) if state else (uuid.uuid4().hex[:16], 0)
     if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         os.environ["WANDB_MODE"] = "offline"
-    settings = wandb.Settings(init_timeout=30, silent=True)
+    args = {"project": project, "dir": str(run_dir), "config": config, "id": run_id, "resume": "allow",
+            "settings": wandb.Settings(init_timeout=30, silent=True)}
     try:
-        return wandb.init(project=project, dir=str(run_dir), config=config, settings=settings)
+        run = wandb.init(**args)
     except Exception as e:  # no network or a bad key: keep the run, log offline
         print(f"wandb: going offline ({type(e).__name__}: {e})", flush=True)
         os.environ["WANDB_MODE"] = "offline"
-        return wandb.init(project=project, dir=str(run_dir), config=config, mode="offline", settings=settings)
+        run = wandb.init(**args, mode="offline")
+    if state is None:
+        _write_atomic(run_dir / WANDB_STATE, json.dumps({"id": run.id, "step": 0}))
+    return run, step
+
+
+def _wandb_state(path: Path) -> dict | None:
+    """The stored {"id", "step"} of this run_dir's wandb run, or None (none yet, or unreadable: said)."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"wandb: {path} is unreadable ({e}); starting a new wandb run", flush=True)
+        return None
+    if isinstance(state, dict) and isinstance(state.get("id"), str) and isinstance(state.get("step"), int):
+        return state
+    print(f"wandb: {path} holds no run id and step; starting a new wandb run", flush=True)
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

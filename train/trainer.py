@@ -133,6 +133,7 @@ class Trainer:
 
     def run(self) -> list[dict]:
         t = self.cfg
+        self.logger.start(self.step)  # continues the sinks after the resumed step (train/metrics.py)
         batches = self.data.train_batches(self.step * t.global_batch_size, t.micro_batch_size, self.accumulation)
         self.model.train()
         history, window, tick = [], [], time.perf_counter()
@@ -191,7 +192,6 @@ class Trainer:
                                   f"{meta['step']} at sample {meta['step'] * gbs}; resume with the saved global "
                                   "batch size")
         self.step, self.skipped_in_row = meta["step"], meta["skipped_in_row"]
-        self.logger.resume_at(self.step)
         if self.ps.is_main and meta["lr"] != lr_at(self.step, self.cfg):
             print(f"checkpoint: the LR schedule changed (train.* differs from the saved run): step {self.step} "
                   f"gets lr {lr_at(self.step, self.cfg):.3e}, the saved run would use {meta['lr']:.3e}",
