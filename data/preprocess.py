@@ -83,7 +83,7 @@ def encode_batch(records: list[Record], tokenizer: Tokenizer, text_key: str, dty
     for record, ids in zip(kept, tokenizer.encode_batch(texts) if texts else []):
         if ids:
             docs.append(ids + eod)
-        else:  # no tokens (possible without EOD): an empty document is no document
+        else:  # text that encodes to no token: no document (Megatron-LM gives it no EOD either)
             skipped.append((EMPTY_DOCUMENT, record.source, record.line))
     tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype)
     return Encoded(tokens, [len(doc) for doc in docs], num_bytes, skipped)
