@@ -1,5 +1,6 @@
-"""The GPT sample stream: megatron-core's GPTDataset (blended when `data.paths` names several datasets) turned into
-deterministic, resumable, data-parallel micro-batches, prepared ahead by a background thread.
+"""The GPT sample stream: megatron-core's GPTDataset (blended by megatron-core's BlendedDataset when `data.paths` names
+several datasets) turned into deterministic, resumable, data-parallel micro-batches, prepared ahead by a background
+thread.
 
 Sample i of the global training stream is `train_dataset[i]`; the global batch at step N is samples
 [N * G, (N + 1) * G) for global batch size G, so resuming with consumed_samples = N * G continues exactly. Each global
@@ -10,6 +11,7 @@ the others read it after a barrier)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import queue
@@ -26,9 +28,12 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from megatron.core.datasets.utils import get_blend_from_list
 
 from data.config import DataConfig
 from data.tokenizer import TokenizerInfo, check_tokenizer_matches, load_tokenizer, padded_vocab_size
@@ -50,13 +55,24 @@ class _TokenizerView:
         self.unique_identifiers = {"class": info.type, "fingerprint": info.fingerprint}
 
 
-def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_valid: bool) -> None:
-    """Clear errors, before megatron-core's asserts: files present, tokenizer matching, no empty split in use."""
+def _missing_dataset_fix(prefix: str) -> str:
+    """How to fix a data.paths entry whose files do not exist."""
+    if prefix.endswith((".bin", ".idx")):
+        return f"a prefix names the files without their suffix: {prefix[:-4]}"
+    made = sorted(glob.glob(glob.escape(prefix) + "_*_document.bin"))
+    if made:  # Megatron-LM's naming, <output-prefix>_<key>_document
+        return f"did you mean {made[0][:-4]}? (Megatron-style preprocessing names its output <prefix>_<key>_document)"
+    return ("build the embedded corpus with `python scripts/prepare_corpus.py`, or tokenize your data with "
+            "scripts/preprocess_data.py --output-prefix " + prefix)
+
+
+def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_valid: bool) -> int:
+    """Clear errors, before megatron-core's asserts: files present, tokenizer matching, no empty split in use.
+    Returns the dataset's number of tokens."""
     for suffix in (".bin", ".idx"):
         if not os.path.exists(prefix + suffix):
-            raise ConfigError("data.paths", f"names {prefix}, but {prefix + suffix} does not exist; build the "
-                              "embedded corpus with `python scripts/prepare_corpus.py`, or tokenize your data "
-                              "with scripts/preprocess_data.py --output-prefix " + prefix)
+            raise ConfigError("data.paths", f"names {prefix}, but {prefix + suffix} does not exist; "
+                              + _missing_dataset_fix(prefix))
     try:
         if not check_tokenizer_matches(prefix, info):
             log.warning("%s has no .meta.json (made by another tool): cannot check that it was tokenized with %s",
@@ -64,7 +80,9 @@ def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_va
     except ValueError as error:
         raise ConfigError("data.tokenizer", f"does not match the data: {error}") from error
     try:  # megatron-core splits by sequence (one per document in data made by scripts/preprocess_data.py)
-        num_documents = len(IndexedDataset(prefix).sequence_lengths)
+        dataset = IndexedDataset(prefix)  # its index is a memory map: read it while the dataset lives
+        num_documents = len(dataset.sequence_lengths)
+        num_tokens = int(dataset.sequence_lengths.sum(dtype=np.int64))
     except (AssertionError, ValueError, OSError) as error:
         raise ConfigError("data.paths", f"names {prefix}, which megatron-core cannot read ({error}); re-create it "
                           "with scripts/preprocess_data.py") from error
@@ -75,6 +93,7 @@ def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_va
         if end <= begin:
             raise ConfigError("data.split", f"gives the {name} split none of the {num_documents} documents of "
                               f"{prefix}; give it a larger share, or use a corpus with more documents")
+    return num_tokens
 
 
 def plain_npy_problem(path: str) -> str | None:
@@ -144,7 +163,7 @@ class GPTData:
             raise ValueError(f"train_samples ({train_samples}) must be positive and valid_samples "
                              f"({valid_samples}) non-negative")
         try:
-            tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_type)
+            tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_type, cfg.merge_file)
         except (OSError, ValueError) as error:
             raise ConfigError("data.tokenizer", f"cannot be loaded: {error}") from error
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
@@ -152,13 +171,17 @@ class GPTData:
         self.eod_id = tokenizer.eod_id
         self.vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg.vocab_divisible_by)
 
-        try:
-            prefixes, weights = get_blend_from_list(cfg.paths)
-        except (ValueError, AssertionError) as error:
-            raise ConfigError("data.paths", f"is not a blend list: {error}; use [prefix, ...] or "
-                              "[weight, prefix, weight, prefix, ...]") from error
+        prefixes, weights = cfg.blend()
+        # Only train and valid are used; the test share stays held out of both.
+        split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+        split_matrix[TEST] = None
+        if valid_samples == 0:
+            split_matrix[VALID] = None
+        sizes = [_check_dataset(prefix, tokenizer.info, split_matrix, valid_samples > 0) for prefix in prefixes]
         if len(prefixes) == 1:
             weights = None  # one dataset: no blending needed, whatever its weight
+        elif weights is None:  # Megatron-LM samples an unweighted list in proportion to the datasets' sizes; here
+            weights = sizes  # by tokens, and not capped at one epoch, so that any number of steps can run
         cache_dir = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # rank 0 writes the cache
             distrust_index_cache(cache_dir)
@@ -167,12 +190,7 @@ class GPTData:
             path_to_cache=cache_dir,
             tokenizer=_TokenizerView(tokenizer.info), reset_position_ids=False, reset_attention_mask=False,
             eod_mask_loss=False, create_attention_mask=False)
-        # Only train and valid are used; the test share stays held out of both.
-        config.split_matrix[TEST] = None
-        if valid_samples == 0:
-            config.split_matrix[VALID] = None
-        for prefix in prefixes:
-            _check_dataset(prefix, tokenizer.info, config.split_matrix, valid_samples > 0)
+        config.split_matrix = split_matrix
 
         builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], lambda: True, config)
         blended = len(prefixes) > 1

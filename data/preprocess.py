@@ -1,5 +1,6 @@
 """Tokenize documents into a Megatron `<prefix>.bin/.idx` (megatron-core's IndexedDatasetBuilder), each document
-followed by the EOD token, with `<prefix>.meta.json` naming the tokenizer.
+followed by the EOD token (unless append_eod is off, as Megatron-LM without --append-eod), with `<prefix>.meta.json`
+naming the tokenizer.
 
 Records are parsed and tokenized in batches, by `workers` processes when there is more than one; the main process
 writes them in input order. Output goes to temporary names that are renamed only once complete, the .idx last,
@@ -21,7 +22,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from data.readers import InputError, Record, record_text
+from data.readers import EMPTY_DOCUMENT, InputError, Record, record_text
 from data.tokenizer import META_SUFFIX, Tokenizer, load_tokenizer, write_meta
 
 NUM_EXAMPLES = 3  # bad records shown per reason
@@ -66,8 +67,9 @@ class Summary:
         return "\n".join(lines)
 
 
-def encode_batch(records: list[Record], tokenizer: Tokenizer, text_key: str, dtype: type) -> Encoded:
-    texts, skipped, num_bytes = [], [], 0
+def encode_batch(records: list[Record], tokenizer: Tokenizer, text_key: str, dtype: type,
+                 append_eod: bool = True) -> Encoded:
+    texts, kept, skipped, num_bytes = [], [], [], 0
     for record in records:
         text, reason = record_text(record, text_key)
         num_bytes += len(record.raw) if record.raw is not None else len(text or "")
@@ -75,7 +77,14 @@ def encode_batch(records: list[Record], tokenizer: Tokenizer, text_key: str, dty
             skipped.append((reason, record.source, record.line))
         else:
             texts.append(text)
-    docs = [ids + [tokenizer.eod_id] for ids in tokenizer.encode_batch(texts)] if texts else []
+            kept.append(record)
+    eod = [tokenizer.eod_id] if append_eod else []
+    docs = []
+    for record, ids in zip(kept, tokenizer.encode_batch(texts) if texts else []):
+        if ids:
+            docs.append(ids + eod)
+        else:  # text that encodes to no token: no document (Megatron-LM gives it no EOD either)
+            skipped.append((EMPTY_DOCUMENT, record.source, record.line))
     tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype)
     return Encoded(tokens, [len(doc) for doc in docs], num_bytes, skipped)
 
@@ -83,12 +92,12 @@ def encode_batch(records: list[Record], tokenizer: Tokenizer, text_key: str, dty
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, tokenizer_type: str, text_key: str, dtype: type) -> None:
-    _worker.update(tokenizer=load_tokenizer(tokenizer_path, tokenizer_type), text_key=text_key, dtype=dtype)
+def _init_worker(tokenizer_args: tuple, text_key: str, dtype: type, append_eod: bool) -> None:
+    _worker.update(tokenizer=load_tokenizer(*tokenizer_args), text_key=text_key, dtype=dtype, append_eod=append_eod)
 
 
 def _encode_in_worker(records: list[Record]) -> Encoded:
-    return encode_batch(records, _worker["tokenizer"], _worker["text_key"], _worker["dtype"])
+    return encode_batch(records, _worker["tokenizer"], _worker["text_key"], _worker["dtype"], _worker["append_eod"])
 
 
 def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -135,12 +144,16 @@ def _commit(tmp_prefix: str, path_prefix: str) -> None:
 
 def tokenize_to_indexed(records: Iterable[Record], path_prefix: str, tokenizer_path: str,
                         tokenizer_type: str = "sentencepiece", text_key: str = "text", workers: int = 1,
-                        strict: bool = False, batch_size: int = 256, progress: bool = True) -> Summary:
+                        strict: bool = False, batch_size: int = 256, progress: bool = True, merge_file: str = "",
+                        special_tokens: bool = False, append_eod: bool = True) -> Summary:
     """Tokenize `records` into `<path_prefix>.bin/.idx/.meta.json`. Bad records are skipped and counted, or with
-    `strict` raise InputError naming file and line (nothing is written then)."""
+    `strict` raise InputError naming file and line (nothing is written then). The tokenizer is
+    load_tokenizer(tokenizer_path, tokenizer_type, merge_file, special_tokens); each document ends with its EOD token
+    when `append_eod`."""
     from tqdm import tqdm
 
-    tokenizer = load_tokenizer(tokenizer_path, tokenizer_type)
+    tokenizer_args = (tokenizer_path, tokenizer_type, merge_file, special_tokens)
+    tokenizer = load_tokenizer(*tokenizer_args)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     check_output(path_prefix)
     tmp_prefix = f"{path_prefix}.tmp-{os.getpid()}"
@@ -151,10 +164,10 @@ def tokenize_to_indexed(records: Iterable[Record], path_prefix: str, tokenizer_p
         batches = _batched(records, batch_size)
         if workers > 1:
             pool = multiprocessing.get_context("fork").Pool(
-                workers, _init_worker, (tokenizer_path, tokenizer_type, text_key, dtype))
+                workers, _init_worker, (tokenizer_args, text_key, dtype, append_eod))
             encoded = _encode_in_pool(pool, batches, in_flight=4 * workers)
         else:
-            encoded = (encode_batch(batch, tokenizer, text_key, dtype) for batch in batches)
+            encoded = (encode_batch(batch, tokenizer, text_key, dtype, append_eod) for batch in batches)
         with tqdm(unit=" docs", disable=not progress, desc=os.path.basename(path_prefix)) as bar:
             for enc in encoded:
                 for reason, source, line in enc.skipped:
@@ -174,11 +187,11 @@ def tokenize_to_indexed(records: Iterable[Record], path_prefix: str, tokenizer_p
                                     refresh=False)
         if summary.documents == 0:
             raise InputError(f"no documents to write ({sum(summary.skipped.values())} records skipped); "
-                             "check the inputs and --text-key")
+                             "check the inputs and --text-key (--json-keys)")
         builder.finalize(tmp_prefix + ".idx")
         summary.seconds = time.perf_counter() - start
         write_meta(tmp_prefix, tokenizer.info, documents=summary.documents, tokens=summary.tokens,
-                   text_key=text_key)
+                   text_key=text_key, append_eod=append_eod, special_tokens=special_tokens)
         _commit(tmp_prefix, path_prefix)
     finally:
         if pool is not None:

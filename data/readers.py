@@ -5,6 +5,7 @@ Readers yield `Record`s cheaply (a jsonl line stays raw bytes) so that parsing c
 `record_text` turns a record into its text or the reason it is skipped."""
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
@@ -74,26 +75,34 @@ def _format_of(path: str) -> str | None:
 
 
 def resolve_inputs(paths: list[str]) -> list[str]:
-    """Check that every input exists, expand plain folders into the files they hold with a known format (sorted),
-    and fail at once on anything missing or unreadable."""
+    """Check that every input exists, expand glob patterns (quoted, as Megatron-LM's --input takes them) and plain
+    folders into the files they hold with a known format (sorted), and fail at once on anything missing or
+    unreadable."""
     resolved = []
-    for path in paths:
-        if not os.path.exists(path):
-            raise InputError(f"input {path} does not exist")
-        if os.path.isdir(path) and not _is_saved_dataset(path):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                           if _format_of(os.path.join(root, name)))
-            if not found:
-                raise InputError(f"input folder {path} holds no {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)} "
-                                 "files and is not a saved Hugging Face dataset")
-            resolved.extend(found)
-        elif _format_of(path) is None:
-            raise InputError(f"input {path}: unknown format; use one of "
-                             f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}, a folder written by datasets' "
-                             "save_to_disk, or --hf-dataset NAME")
-        else:
-            resolved.append(path)
+    for pattern in paths:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) and not os.path.exists(pattern) else [pattern]
+        if not matches:
+            raise InputError(f"input pattern {pattern} matches no file")
+        for path in matches:
+            resolved.extend(_resolve_input(path))
     return resolved
+
+
+def _resolve_input(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise InputError(f"input {path} does not exist")
+    if os.path.isdir(path) and not _is_saved_dataset(path):
+        found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                       if _format_of(os.path.join(root, name)))
+        if not found:
+            raise InputError(f"input folder {path} holds no {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)} "
+                             "files and is not a saved Hugging Face dataset")
+        return found
+    if _format_of(path) is None:
+        raise InputError(f"input {path}: unknown format; use one of "
+                         f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}, a folder written by datasets' "
+                         "save_to_disk, or --hf-dataset NAME")
+    return [path]
 
 
 def _zstd_lines(path: str) -> Iterator[bytes]:

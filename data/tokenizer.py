@@ -1,5 +1,6 @@
-"""Tokenizers (a sentencepiece model file, or a Hugging Face tokenizer from a local path) and the record of which
-tokenizer made a dataset (`<prefix>.meta.json`), so training refuses data tokenized with another vocabulary."""
+"""Tokenizers (a sentencepiece model file, a Hugging Face tokenizer from a local path, or GPT-2's byte-level BPE from
+a vocab.json and merges.txt pair) and the record of which tokenizer made a dataset (`<prefix>.meta.json`), so
+training refuses data tokenized with another vocabulary."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +10,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 META_SUFFIX = ".meta.json"
+
+# Megatron-LM's --tokenizer-type names for the tokenizers here. Megatron-LM main builds its three sentencepiece types
+# alike (megatron/core/tokenizers/utils/build_tokenizer.py, SP_TOKENIZERS: the ids of encode_as_ids, EOD = the model's
+# eos), HuggingFaceTokenizer from a local folder, GPT2BPETokenizer from --vocab-file and --merge-file with
+# <|endoftext|> as EOD (megatron/training/tokenizer/tokenizer.py, _GPT2BPETokenizer).
+MEGATRON_TOKENIZER_TYPES = {"SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece",
+                            "Llama2Tokenizer": "sentencepiece", "HuggingFaceTokenizer": "hf",
+                            "GPT2BPETokenizer": "gpt2bpe"}
+TOKENIZER_TYPES = {"sentencepiece": "sentencepiece", "hf": "hf", "gpt2bpe": "gpt2bpe", **MEGATRON_TOKENIZER_TYPES}
+GPT2_EOD = "<|endoftext|>"
 
 
 class TokenizerMismatchError(ValueError):
@@ -23,7 +34,8 @@ class TokenizerInfo:
     path: str
     vocab_size: int
     eod_id: int
-    fingerprint: str  # sha256 of the model file (sentencepiece) or of the vocabulary (HF), 16 hex digits
+    fingerprint: str  # sha256 of the model file (sentencepiece) or of the vocabulary (HF, GPT-2 BPE), 16 hex digits
+    merge_file: str = ""  # gpt2bpe: the merges.txt beside `path` (the vocab.json)
 
 
 class SentencePieceTokenizer:
@@ -50,10 +62,18 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
+    """A Hugging Face tokenizer: a local folder AutoTokenizer reads (type hf), or GPT-2's byte-level BPE from its
+    vocab.json and merges.txt (type gpt2bpe). `special_tokens`: encode adds the tokenizer's own special tokens
+    (a BOS, say), as Megatron-LM's HuggingFaceTokenizer does by default."""
 
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    def __init__(self, path: str, merge_file: str = "", special_tokens: bool = False):
+        if merge_file:
+            self._tok = _gpt2_bpe(path, merge_file)
+        else:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.special_tokens = special_tokens
         self.eod_id = self._tok.eos_token_id
         if self.eod_id is None:
             raise ValueError(f"Hugging Face tokenizer {path} has no eos token to end documents with; "
@@ -61,32 +81,59 @@ class HFTokenizer:
         self.vocab_size = len(self._tok)
         vocab = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False)
         fingerprint = hashlib.sha256(vocab.encode()).hexdigest()[:16]
-        self.info = TokenizerInfo("hf", path, self.vocab_size, self.eod_id, fingerprint)
+        self.info = TokenizerInfo("gpt2bpe" if merge_file else "hf", path, self.vocab_size, self.eod_id, fingerprint,
+                                  merge_file)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok(text, add_special_tokens=False)["input_ids"]
+        return self._tok(text, add_special_tokens=self.special_tokens)["input_ids"]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._tok(texts, add_special_tokens=False)["input_ids"]
+        return self._tok(texts, add_special_tokens=self.special_tokens)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
 
+def _gpt2_bpe(vocab_file: str, merge_file: str):
+    """GPT-2's tokenizer (byte-level BPE, GPT-2's pre-tokenizer, no prefix space) from local files, offline."""
+    from transformers import GPT2TokenizerFast
+
+    if not os.path.exists(merge_file):
+        raise FileNotFoundError(f"GPT-2 merges file {merge_file} does not exist; give the merges.txt that goes with "
+                                f"{vocab_file}")
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"GPT-2 vocabulary {vocab_file} is not a JSON vocab.json ({error}); give GPT-2's vocab file "
+                         "(gpt2-vocab.json)") from error
+    if not isinstance(vocab, dict) or GPT2_EOD not in vocab:
+        raise ValueError(f"GPT-2 vocabulary {vocab_file} has no {GPT2_EOD} token, the end of document of "
+                         "GPT2BPETokenizer; use GPT-2's vocab file or one trained with that special token")
+    return GPT2TokenizerFast(vocab=vocab_file, merges=merge_file, eos_token=GPT2_EOD)
+
+
 Tokenizer = SentencePieceTokenizer | HFTokenizer
 
 
-def load_tokenizer(path: str, tokenizer_type: str) -> Tokenizer:
-    """`tokenizer_type` is "sentencepiece" (a .model file) or "hf" (a local folder AutoTokenizer can read)."""
+def load_tokenizer(path: str, tokenizer_type: str, merge_file: str = "", special_tokens: bool = False) -> Tokenizer:
+    """`tokenizer_type` is "sentencepiece" (a .model file), "hf" (a local folder AutoTokenizer can read) or "gpt2bpe"
+    (`path` GPT-2's vocab.json, `merge_file` its merges.txt), or a Megatron-LM name of one of them
+    (MEGATRON_TOKENIZER_TYPES). `special_tokens` (hf, gpt2bpe): encode adds the tokenizer's special tokens (GPT-2's
+    adds none); sentencepiece adds none either way, as Megatron-LM's."""
+    kind = TOKENIZER_TYPES.get(tokenizer_type)
+    if kind is None:
+        raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; use one of {', '.join(TOKENIZER_TYPES)}")
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"tokenizer {path} does not exist; for the embedded corpus run `python scripts/prepare_corpus.py`, "
             "otherwise train one with scripts/train_tokenizer.py or point data.tokenizer at an existing one")
-    if tokenizer_type == "sentencepiece":
+    if (kind == "gpt2bpe") != bool(merge_file):
+        raise ValueError("GPT-2 BPE (gpt2bpe, GPT2BPETokenizer) needs a merges file and no other type takes one: "
+                         f"got type {tokenizer_type} with merge file {merge_file!r}")
+    if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
-    if tokenizer_type == "hf":
-        return HFTokenizer(path)
-    raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; use sentencepiece or hf")
+    return HFTokenizer(path, merge_file, special_tokens)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -122,8 +169,8 @@ def check_tokenizer_matches(path_prefix: str, info: TokenizerInfo) -> bool:
             f"{path_prefix}.bin was tokenized with {made['type']} tokenizer {made['path']} "
             f"(vocab {made['vocab_size']}, eod {made['eod_id']}, fingerprint {made['fingerprint']}), but the "
             f"configured tokenizer {info.path} differs (vocab {info.vocab_size}, eod {info.eod_id}, fingerprint "
-            f"{info.fingerprint}); set data.tokenizer to the one the data was made with, or re-tokenize the data "
-            "with scripts/preprocess_data.py --tokenizer <yours>")
+            f"{info.fingerprint}); set data.tokenizer (and data.tokenizer_type) to the one the data was made with, "
+            "or re-tokenize the data with scripts/preprocess_data.py --tokenizer <yours>")
     return True
 
 

@@ -162,3 +162,65 @@ def test_triton_interpreter_refuses_bf16(monkeypatch):
     with pytest.raises(ConfigError, match="computes wrongly"):
         check_device(cfg, "cpu", interpreted=True)
     check_device(cfg, "cuda", interpreted=False)  # fine on a GPU
+
+
+BLEND = (["a_text_document", "b/c_text_document"], [0.7, 0.3])
+
+
+@pytest.mark.parametrize("spelling", [
+    ["data.paths=0.7 a_text_document 0.3 b/c_text_document"],  # Megatron's blend string, as an override
+    ['data.paths="0.7 a_text_document 0.3 b/c_text_document"'],  # quoted inside (YAML reads the quotes)
+    ["data.paths=[0.7, a_text_document, 0.3, b/c_text_document]"],  # a YAML list: numbers become strings
+    ["data.paths=0.7,a_text_document,0.3,b/c_text_document"],  # commas
+    ["data.paths=['0.7 a_text_document', '0.3 b/c_text_document']"],  # pairs as list items
+    "yaml-string", "yaml-list",
+])
+def test_blend_string_and_list_give_the_same_blend(tmp_path, spelling):
+    if isinstance(spelling, str):  # in a config file
+        value = ('"0.7 a_text_document 0.3 b/c_text_document"' if spelling == "yaml-string"
+                 else "[0.7, a_text_document, 0.3, b/c_text_document]")
+        path = tmp_path / "c.yaml"
+        tiny = Path("configs/tiny.yaml").read_text()
+        assert "  paths: [corpus/shakespeare_text_document]\n" in tiny
+        path.write_text(tiny.replace("  paths: [corpus/shakespeare_text_document]\n", f"  paths: {value}\n"))
+        cfg = load_config(path)
+    else:
+        cfg = load_config("configs/tiny.yaml", spelling)
+    assert cfg.data.blend() == BLEND
+
+
+def test_prefixes_without_weights_are_a_blend_without_weights():
+    assert load_config("configs/tiny.yaml", ["data.paths=a b c"]).data.blend() == (["a", "b", "c"], None)
+    assert load_config("configs/tiny.yaml", ["data.paths=[a]"]).data.blend() == (["a"], None)
+    # weights are shares (normalised later), any scale; a weight of 0 leaves its dataset out
+    assert load_config("configs/tiny.yaml", ["data.paths=70 a 30 b 0 c"]).data.blend() == (["a", "b"], [70, 30])
+
+
+@pytest.mark.parametrize("value, words", [
+    ("0.7 a 0.3", "3 entries, but a weighted blend alternates weight and prefix (an even count)"),
+    ("0.7 a heavy b", "'heavy' stands where a weight belongs (before 'b')"),
+    ("-0.7 a 0.3 b", "the weight -0.7 of a is not a finite non-negative number"),
+    ("0.7 a inf b", "the weight inf of b is not a finite non-negative number"),
+    ("0.5 0.5 a b", "'0.5' stands where a prefix belongs (after weight 0.5)"),
+    ("a 0.3 b", "'0.3' looks like a weight, but the list does not start with one"),
+    ("0 a 0 b", "every weight is zero"),
+    ("''", "is empty"),
+])
+def test_malformed_blend_is_one_error_naming_the_fix(value, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [f"data.paths={value}"])
+    message = str(err.value)
+    assert err.value.key == "data.paths" and words in message and len(message.splitlines()) == 1, message
+    if "empty" not in words and "zero" not in words:
+        assert "0.7 corpus_a_text_document 0.3 corpus_b_text_document" in message or "shares" in message
+
+
+def test_gpt2_bpe_needs_its_merge_file():
+    cfg = load_config("configs/tiny.yaml", ["data.tokenizer_type=GPT2BPETokenizer", "data.tokenizer=v.json",
+                                            "data.merge_file=m.txt"])
+    assert cfg.data.merge_file == "m.txt"
+    for overrides in (["data.tokenizer_type=gpt2bpe"], ["data.merge_file=m.txt"]):
+        with pytest.raises(ConfigError, match="data.merge_file .*needs its merges.txt"):
+            load_config("configs/tiny.yaml", overrides)
+    with pytest.raises(ConfigError, match="data.tokenizer_type is 'BertWordPieceCase'; use one of"):
+        load_config("configs/tiny.yaml", ["data.tokenizer_type=BertWordPieceCase"])

@@ -233,3 +233,49 @@ def test_damaged_index_cache_file_is_named_and_rebuilt(tmp_path, content, words)
     assert words in plain_npy_problem(str(good))
     distrust_index_cache(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-GPTDataset-valid-document_index.npy"]
+
+
+def share_of_first(data: GPTData, boundary: int) -> tuple[float, int]:
+    """The share of training samples from the dataset whose tokens lie below `boundary`, and the sample count."""
+    counts = [0, 0]
+    for batch in data.train_batches(0, 50, 1):
+        for sample in batch:
+            counts[int(sample[sample != 2].float().mean() >= boundary)] += 1
+    return counts[0] / sum(counts), sum(counts)
+
+
+def test_megatron_blend_string_samples_in_its_proportions(tmp_path, tokenizer):
+    """Megatron's "0.7 A 0.3 B" in data.paths: the stream the trainer reads comes 70/30 from A and B, and so does
+    megatron-core's sample index (the blended dataset's per-dataset counts)."""
+    a = make_dataset(tmp_path / "a", 1000, 100, tokenizer.info, seed=1)
+    b = make_dataset(tmp_path / "b", 5000, 100, tokenizer.info, seed=2)
+    data = GPTData(config([f"0.7 {a} 0.3 {b}"], tokenizer, split="100,0,0"), seed=1, train_samples=4000,
+                   valid_samples=0)
+    share_a, total = share_of_first(data, 5000)
+    assert total == 4000 and abs(share_a - 0.7) < 0.01
+    per_dataset = np.bincount(data.train_dataset.dataset_index, minlength=2)
+    assert abs(per_dataset[0] / per_dataset.sum() - 0.7) < 0.01
+
+
+def test_prefixes_without_weights_sample_by_size_for_any_length(tmp_path, tokenizer):
+    """As Megatron-LM, an unweighted list is sampled in proportion to the datasets' sizes (tokens here); unlike
+    megatron-core's one-epoch cap, the stream is as long as asked (many epochs of these small datasets)."""
+    a = make_dataset(tmp_path / "a", 1000, 60, tokenizer.info, seed=3)
+    b = make_dataset(tmp_path / "b", 5000, 240, tokenizer.info, seed=4)
+    datasets = [loader.IndexedDataset(p) for p in (a, b)]  # held: their index is a memory map
+    tokens = [int(d.sequence_lengths.sum()) for d in datasets]
+    data = GPTData(config([f"{a} {b}"], tokenizer, split="100,0,0"), seed=1, train_samples=3000, valid_samples=0)
+    share_a, total = share_of_first(data, 5000)
+    assert total == 3000 > sum(tokens) / SEQ  # beyond one epoch of both
+    assert abs(share_a - tokens[0] / sum(tokens)) < 0.015 and 0.1 < share_a < 0.35
+
+
+def test_blend_with_a_missing_dataset_names_it_and_the_fix(tmp_path, tokenizer):
+    a = make_dataset(tmp_path / "a", 1000, 50, tokenizer.info)
+    make_dataset(tmp_path / "my-gpt2_text_document", 3000, 50, tokenizer.info)
+    cases = {f"0.7 {a} 0.3 {tmp_path / 'nope'}": r"nope\.bin does not exist.*preprocess_data\.py",
+             f"0.7 {a} 0.3 {tmp_path / 'my-gpt2'}": r"my-gpt2\.bin does not exist; did you mean .*_text_document",
+             f"{a}.bin": r"a\.bin\.bin does not exist; a prefix names the files without their suffix"}
+    for paths, words in cases.items():
+        with pytest.raises(ConfigError, match=words):
+            GPTData(config([paths], tokenizer), seed=1, train_samples=8, valid_samples=0)

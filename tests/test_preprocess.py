@@ -318,3 +318,184 @@ def test_lone_surrogate_is_skipped_by_reason_not_a_crash(tmp_path, tokenizer):
     assert read_docs(str(tmp_path / "out")) == expected_docs(tokenizer, texts)
     with pytest.raises(InputError, match=f"{path}:3: invalid unicode"):
         run([str(path)], tmp_path / "strict", tokenizer, strict=True)
+
+
+# ---------------------------------------------------------------------------- Megatron-LM's command lines
+# Run as Megatron-LM's documentation writes them (minus `python tools/preprocess_data.py`), on small made-up data:
+# its README's "Data Preprocessing" for GPT, and megatron-core's developer guide, "Data Preparation".
+README_GPT2 = ("--input my-corpus.json --output-prefix my-gpt2 --vocab-file gpt2-vocab.json "
+               "--tokenizer-type GPT2BPETokenizer --merge-file gpt2-merges.txt --append-eod")
+DOCS_HF = ("--input data.jsonl --output-prefix processed_data --tokenizer-type HuggingFaceTokenizer "
+           "--tokenizer-model /path/to/tokenizer --workers 8 --append-eod")
+
+
+def megatron_corpus(path: Path, texts: list[str]) -> Path:
+    """Loose json as Megatron-LM's README shows it: a text field among others."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"src": "www.nvidia.com", "text": text, "type": "Eng", "id": str(i),
+                                "title": f"Part {i}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+    """A small GPT-2 style byte-level BPE trained with the tokenizers library, saved as Megatron's README names its
+    files (gpt2-vocab.json, gpt2-merges.txt); returns (folder, the trained tokenizer: the reference encoding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(make_texts(200, seed=11), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.model.save(str(folder), "gpt2")
+    return folder, bpe
+
+
+def script_main():
+    return runpy.run_path(str(SCRIPTS / "preprocess_data.py"))["main"]
+
+
+def test_megatron_readme_gpt2_command_line(tmp_path, gpt2_files, monkeypatch):
+    import shutil
+
+    folder, bpe = gpt2_files
+    for name in ("gpt2-vocab.json", "gpt2-merges.txt"):
+        shutil.copy(folder / name, tmp_path / name)
+    texts = ["The quick brown fox", "jumps over the lazy dog"] + make_texts(30, seed=12)
+    megatron_corpus(tmp_path / "my-corpus.json", texts)
+    monkeypatch.chdir(tmp_path)
+    assert script_main()(README_GPT2.split() + ["--quiet"]) == 0
+    # "Here the output files are named my-gpt2_text_document.bin and my-gpt2_text_document.idx"
+    assert sorted(p.name for p in tmp_path.glob("my-gpt2*")) == [
+        "my-gpt2_text_document.bin", "my-gpt2_text_document.idx", "my-gpt2_text_document.meta.json"]
+    eod = bpe.token_to_id("<|endoftext|>")
+    assert read_docs("my-gpt2_text_document") == [bpe.encode(text).ids + [eod] for text in texts]
+    assert IndexedDataset("my-gpt2_text_document").index.dtype == np.uint16
+
+    # without --append-eod, as in Megatron-LM: the bare encoding
+    assert script_main()(README_GPT2.replace(" --append-eod", "").split() + ["--quiet"]) == 0
+    assert read_docs("my-gpt2_text_document") == [bpe.encode(text).ids for text in texts]
+
+    # and the data trains: the loader takes the same vocab/merges pair, by Megatron's name or ours
+    from data.config import DataConfig
+    from data.loader import GPTData
+    assert script_main()(README_GPT2.split() + ["--quiet"]) == 0
+    for kind in ("GPT2BPETokenizer", "gpt2bpe"):
+        cfg = DataConfig(paths=["my-gpt2_text_document"], tokenizer="gpt2-vocab.json", tokenizer_type=kind,
+                         merge_file="gpt2-merges.txt", seq_length=8, split="100,0,0", vocab_divisible_by=64,
+                         cache_dir=str(tmp_path / kind))
+        data = GPTData(cfg, seed=1, train_samples=16, valid_samples=0)
+        assert data.eod_id == eod and data.vocab_size == -(-bpe.get_vocab_size() // 64) * 64
+        assert eod in next(data.train_batches(0, 16, 1)).flatten().tolist()
+
+
+def hf_tokenizer_folder(path: Path) -> Path:
+    """A Hugging Face tokenizer that adds a BOS (as Llama's do), so that its special tokens show in the ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(make_texts(100, seed=13), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("special_tokens", [True, False])
+def test_megatron_docs_hugging_face_command_line(tmp_path, monkeypatch, special_tokens):
+    """Ids as megatron-core's own HuggingFaceTokenizer gives them; special tokens included unless
+    --tokenizer-hf-no-include-special-tokens (Megatron-LM main's default and flag)."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    hf_tokenizer_folder(tmp_path / "tokenizer")
+    texts = make_texts(40, seed=14)
+    megatron_corpus(tmp_path / "data.jsonl", texts)
+    monkeypatch.chdir(tmp_path)
+    argv = DOCS_HF.replace("/path/to/tokenizer", "tokenizer").split() + ["--quiet"]
+    assert script_main()(argv + ([] if special_tokens else ["--tokenizer-hf-no-include-special-tokens"])) == 0
+    assert sorted(p.name for p in tmp_path.glob("processed_data*")) == [
+        "processed_data_text_document.bin", "processed_data_text_document.idx",
+        "processed_data_text_document.meta.json"]
+    megatron = MegatronTokenizer.from_pretrained(tokenizer_path="tokenizer", metadata_path={"library": "huggingface"},
+                                                 include_special_tokens=special_tokens)
+    want = [megatron.tokenize(text) + [megatron.eod] for text in texts]
+    assert read_docs("processed_data_text_document") == want
+    assert all((doc[0] == 1) == special_tokens for doc in want)  # the BOS is there exactly when asked for
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"])
+def test_megatron_sentencepiece_command_line(tmp_path, tokenizer, monkeypatch, kind):
+    """Megatron-LM main builds its three sentencepiece types alike: ids and EOD as megatron-core's tokenizer."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    texts = make_texts(30, seed=15)
+    megatron_corpus(tmp_path / "data.jsonl", texts)
+    monkeypatch.chdir(tmp_path)
+    argv = (f"--input data.jsonl --output-prefix my-llama --tokenizer-type {kind} --tokenizer-model "
+            f"{tokenizer.info.path} --workers 2 --append-eod --quiet").split()
+    assert script_main()(argv) == 0
+    megatron = MegatronTokenizer.from_pretrained(tokenizer_path=tokenizer.info.path,
+                                                 metadata_path={"library": "sentencepiece"})
+    assert megatron.eod == tokenizer.eod_id
+    assert read_docs("my-llama_text_document") == [megatron.tokenize(text) + [megatron.eod] for text in texts]
+
+
+def test_megatron_json_keys_write_one_dataset_per_key(tmp_path, tokenizer, monkeypatch):
+    texts = make_texts(10, seed=16)
+    megatron_corpus(tmp_path / "in.json", texts)
+    monkeypatch.chdir(tmp_path)
+    argv = (f"--input in.json --output-prefix out --json-keys text title --tokenizer-type SentencePieceTokenizer "
+            f"--tokenizer-model {tokenizer.info.path} --append-eod --quiet").split()
+    assert script_main()(argv) == 0
+    assert read_docs("out_text_document") == expected_docs(tokenizer, texts)
+    assert read_docs("out_title_document") == expected_docs(tokenizer, [f"Part {i}" for i in range(10)])
+    assert read_meta("out_title_document")["text_key"] == "title"
+    # our own spelling (--text-key, --tokenizer) keeps our naming, <prefix>.bin, and always ends documents with EOD
+    assert script_main()(["--input", "in.json", "--output-prefix", "own", "--json-keys", "title", "--tokenizer",
+                          tokenizer.info.path, "--quiet"]) == 0
+    assert read_docs("own") == read_docs("out_title_document")
+
+
+def test_quoted_glob_input(tmp_path, tokenizer):
+    texts = make_texts(6, seed=17)
+    for i in range(2):
+        write_jsonl(tmp_path / f"shard{i}.jsonl", texts[i * 3:(i + 1) * 3])
+    assert script_main()(["--input", str(tmp_path / "shard*.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                          "--tokenizer", tokenizer.info.path, "--quiet"]) == 0
+    assert read_docs(str(tmp_path / "o")) == expected_docs(tokenizer, texts)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--split-sentences"], "--split-sentences (a Megatron-LM flag) is not supported here"),
+    (["--lang", "english"], "--lang (a Megatron-LM flag) is not supported here"),
+    (["--vocab-extra-ids", "100"], "--vocab-extra-ids (a Megatron-LM flag) is not supported"),
+    (["--tokenizer-type", "BertWordPieceLowerCase"], "--tokenizer-type BertWordPieceLowerCase is not supported"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "needs --vocab-file gpt2-vocab.json and --merge-file"),
+    (["--merge-file", "m.txt"], "--vocab-file and --merge-file go with GPT2BPETokenizer"),
+    (["--json-keys", "text", "title"], "2 text keys need one output each"),
+], ids=["split-sentences", "lang", "vocab-extra-ids", "bert", "gpt2-without-files", "merges-for-sp", "two-keys"])
+def test_megatron_flags_we_do_not_support_are_one_line_errors(tmp_path, tokenizer, capsys, extra, words):
+    good = str(write_jsonl(tmp_path / "in.jsonl", make_texts(3)))
+    argv = ["--input", good, "--output-prefix", str(tmp_path / "o"), "--quiet"]
+    if "GPT2BPETokenizer" not in extra:
+        argv += ["--tokenizer", tokenizer.info.path]
+    assert script_main()(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.glob("o*"))
+
+
+def test_gpt2_vocab_without_endoftext_is_refused(tmp_path, gpt2_files, capsys):
+    folder, _ = gpt2_files
+    vocab = json.loads((folder / "gpt2-vocab.json").read_text())
+    del vocab["<|endoftext|>"]
+    (tmp_path / "v.json").write_text(json.dumps(vocab))
+    good = str(write_jsonl(tmp_path / "in.jsonl", make_texts(3)))
+    assert script_main()(["--input", good, "--output-prefix", str(tmp_path / "o"), "--vocab-file",
+                          str(tmp_path / "v.json"), "--merge-file", str(folder / "gpt2-merges.txt"),
+                          "--tokenizer-type", "GPT2BPETokenizer", "--quiet"]) == 2
+    assert "has no <|endoftext|> token" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def model_vocab_size(cfg: Config) -> int:
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_type, cfg.data.merge_file)
     except (OSError, ValueError) as e:
         raise ConfigError("data.tokenizer", f"cannot be loaded ({e}); or set model.vocab_size=N") from e
     return padded_vocab_size(tokenizer.vocab_size, cfg.data.vocab_divisible_by)
