@@ -10,7 +10,10 @@ from errors import ConfigError
 class DataConfig:
     # Megatron-style blend: ["prefix"] or ["0.7", "prefixA", "0.3", "prefixB"] (prefix = path without .bin/.idx)
     paths: list[str] = field(default_factory=lambda: ["corpus/shakespeare_text_document"])
-    split: str = "969,30,1"  # train, valid, test proportions
+    split: str = "969,30,1"  # train, valid, test proportions of the documents of `paths` (unused with valid_paths)
+    # A validation set of its own, a blend like `paths` (e.g. corpus/english/english_valid_text_document): then all
+    # of `paths` trains and `split` is not used. Empty: validation is cut from `paths` by `split`.
+    valid_paths: list[str] = field(default_factory=list)
     seq_length: int = 1024
     tokenizer: str = "corpus/tokenizer.model"  # sentencepiece .model file, or a Hugging Face tokenizer folder
     tokenizer_type: str = "sentencepiece"  # sentencepiece | hf

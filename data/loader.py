@@ -50,11 +50,13 @@ class _TokenizerView:
         self.unique_identifiers = {"class": info.type, "fingerprint": info.fingerprint}
 
 
-def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_valid: bool) -> None:
-    """Clear errors, before megatron-core's asserts: files present, tokenizer matching, no empty split in use."""
+def _check_dataset(prefix: str, info: TokenizerInfo, ranges: dict[str, tuple[float, float]],
+                   key: str = "data.paths") -> None:
+    """Clear errors, before megatron-core's asserts: files present, tokenizer matching, no empty split in use
+    (`ranges`: the share of the documents each split in use takes, by name)."""
     for suffix in (".bin", ".idx"):
         if not os.path.exists(prefix + suffix):
-            raise ConfigError("data.paths", f"names {prefix}, but {prefix + suffix} does not exist; build the "
+            raise ConfigError(key, f"names {prefix}, but {prefix + suffix} does not exist; build the "
                               "embedded corpus with `python scripts/prepare_corpus.py`, or tokenize your data "
                               "with scripts/preprocess_data.py --output-prefix " + prefix)
     try:
@@ -66,12 +68,12 @@ def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_va
     try:  # megatron-core splits by sequence (one per document in data made by scripts/preprocess_data.py)
         num_documents = len(IndexedDataset(prefix).sequence_lengths)
     except (AssertionError, ValueError, OSError) as error:
-        raise ConfigError("data.paths", f"names {prefix}, which megatron-core cannot read ({error}); re-create it "
+        raise ConfigError(key, f"names {prefix}, which megatron-core cannot read ({error}); re-create it "
                           "with scripts/preprocess_data.py") from error
-    for split, name in ((TRAIN, "train"), (VALID, "valid")):
-        if split == VALID and not need_valid:
-            continue
-        begin, end = (int(round(bound * num_documents)) for bound in split_matrix[split])
+    for name, bounds in ranges.items():
+        begin, end = (int(round(bound * num_documents)) for bound in bounds)
+        if end <= begin and bounds == (0.0, 1.0):
+            raise ConfigError(key, f"names {prefix}, which holds no documents; give a dataset with documents")
         if end <= begin:
             raise ConfigError("data.split", f"gives the {name} split none of the {num_documents} documents of "
                               f"{prefix}; give it a larger share, or use a corpus with more documents")
@@ -119,6 +121,16 @@ def distrust_index_cache(cache_dir: str) -> None:
             os.remove(os.path.join(cache_dir, sibling))
 
 
+def _blend(paths: list[str], key: str) -> tuple[list[str], list[float] | None]:
+    """A Megatron blend list as (prefixes, weights); weights None for a single dataset (nothing to blend)."""
+    try:
+        prefixes, weights = get_blend_from_list(paths)
+    except (ValueError, AssertionError) as error:
+        raise ConfigError(key, f"is not a blend list: {error}; use [prefix, ...] or "
+                          "[weight, prefix, weight, prefix, ...]") from error
+    return prefixes, None if len(prefixes) == 1 else weights
+
+
 @contextlib.contextmanager
 def _process_group_for_blending() -> Iterator[None]:
     """megatron-core's BlendedDataset asks torch.distributed for the rank: lend it a one-process gloo group when
@@ -152,30 +164,36 @@ class GPTData:
         self.eod_id = tokenizer.eod_id
         self.vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg.vocab_divisible_by)
 
-        try:
-            prefixes, weights = get_blend_from_list(cfg.paths)
-        except (ValueError, AssertionError) as error:
-            raise ConfigError("data.paths", f"is not a blend list: {error}; use [prefix, ...] or "
-                              "[weight, prefix, weight, prefix, ...]") from error
-        if len(prefixes) == 1:
-            weights = None  # one dataset: no blending needed, whatever its weight
+        prefixes, weights = _blend(cfg.paths, "data.paths")
         cache_dir = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # rank 0 writes the cache
             distrust_index_cache(cache_dir)
-        config = GPTDatasetConfig(
-            random_seed=seed, sequence_length=cfg.seq_length, blend=(prefixes, weights), split=cfg.split,
-            path_to_cache=cache_dir,
-            tokenizer=_TokenizerView(tokenizer.info), reset_position_ids=False, reset_attention_mask=False,
-            eod_mask_loss=False, create_attention_mask=False)
-        # Only train and valid are used; the test share stays held out of both.
-        config.split_matrix[TEST] = None
-        if valid_samples == 0:
-            config.split_matrix[VALID] = None
-        for prefix in prefixes:
-            _check_dataset(prefix, tokenizer.info, config.split_matrix, valid_samples > 0)
+        common = dict(random_seed=seed, sequence_length=cfg.seq_length, path_to_cache=cache_dir,
+                      tokenizer=_TokenizerView(tokenizer.info), reset_position_ids=False, reset_attention_mask=False,
+                      eod_mask_loss=False, create_attention_mask=False)
+        valid_prefixes: list[str] = []
+        if cfg.valid_paths:  # a validation set of its own (Megatron-LM's --train-data-path / --valid-data-path)
+            valid_prefixes, valid_weights = _blend(cfg.valid_paths, "data.valid_paths")
+            valid_blend = (valid_prefixes, valid_weights) if valid_samples > 0 else None
+            config = GPTDatasetConfig(blend_per_split=[(prefixes, weights), valid_blend, None], **common)
+            for prefix in prefixes:
+                _check_dataset(prefix, tokenizer.info, {"train": (0.0, 1.0)})
+            for prefix in valid_prefixes if valid_samples > 0 else []:
+                _check_dataset(prefix, tokenizer.info, {"valid": (0.0, 1.0)}, "data.valid_paths")
+        else:
+            config = GPTDatasetConfig(blend=(prefixes, weights), split=cfg.split, **common)
+            # Only train and valid are used; the test share stays held out of both.
+            config.split_matrix[TEST] = None
+            if valid_samples == 0:
+                config.split_matrix[VALID] = None
+            ranges = {"train": config.split_matrix[TRAIN]}
+            if valid_samples > 0:
+                ranges["valid"] = config.split_matrix[VALID]
+            for prefix in prefixes:
+                _check_dataset(prefix, tokenizer.info, ranges)
 
         builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], lambda: True, config)
-        blended = len(prefixes) > 1
+        blended = len(prefixes) > 1 or len(valid_prefixes) > 1
         with _process_group_for_blending() if blended else contextlib.nullcontext():
             self.train_dataset, self.valid_dataset, _ = builder.build()
 
