@@ -137,14 +137,21 @@ def dictd_entries(index: bytes, data: bytes) -> Iterator[tuple[str, str]]:
 
 PRONUNCIATION = re.compile(r" *\\[^\\\n]*\\")  # GCIDE's \Af*fect"\ after the headword
 CROSS_REF = re.compile(r"\{([^{}]*)\}")  # {See this} -> See this
-TAG_LINE = re.compile(r"^\s*(?:\[[^\]\n]*\]|\(\d{4}-\d{2}-\d{2}\))\s*$")  # [1913 Webster], FOLDOC's (1994-11-08)
+SOURCE_TAG = re.compile(r" ?\[(?:\s*(?:1913|Webster|Suppl\.|WordNet|\d\.\d|PJC|AS|\+))+\s*\]")  # [1913 Webster +PJC]
+DATE_LINE = re.compile(r"^\s*\(\d{4}-\d{2}-\d{2}\)\s*$")  # FOLDOC's (1994-11-08) closing an entry
+# GCIDE's names for the letters and signs of its 7-bit text: Arace[ae] -> Araceæ
+GCIDE_LETTERS = {"ae": "æ", "oe": "œ", "eth": "ð", "thorn": "þ", "yogh": "ȝ", "ng": "ŋ", "imac": "ī", "amac": "ā",
+                 "emac": "ē", "omac": "ō", "umac": "ū", "aum": "ä", "eum": "ë", "ium": "ï", "oum": "ö", "uum": "ü",
+                 "deg": "°", "sect": "§", "root": "√", "beta": "β", "alpha": "α", "gamma": "γ", "delta": "δ"}
+GCIDE_LETTER = re.compile(r"\[(" + "|".join(GCIDE_LETTERS) + r")\]")
 SUBJECT = re.compile(r"^<[^<>\n]{1,40}>\s*")  # FOLDOC's <programming> before a sense
 
 
 def clean_dict_entry(text: str) -> str:
     text = PRONUNCIATION.sub("", text)
     text = CROSS_REF.sub(lambda m: m.group(1).strip(), text)
-    text = "\n".join("" if TAG_LINE.match(line) else line for line in text.split("\n"))
+    text = GCIDE_LETTER.sub(lambda m: GCIDE_LETTERS[m.group(1)], SOURCE_TAG.sub("", text))
+    text = "\n".join("" if DATE_LINE.match(line) else line for line in text.split("\n"))
     return join_paragraphs(SUBJECT.sub("", reflow(block)) for block in blocks(text))
 
 

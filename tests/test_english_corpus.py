@@ -66,7 +66,8 @@ def make_deb(path: Path, files: dict[str, bytes]) -> Path:
 def test_dictd_entries_are_read_once_and_cleaned():
     gcide = ("Affect \\Af*fect\"\\, v. t. [L. affectus.]\n   1. To act upon; to produce an effect upon.\n"
              "      [1913 Webster]\n\n            As might affect the earth with cold heat. --{Milton}.\n"
-             "      [1913 Webster]\n")
+             "      [1913 Webster]\n\n   2. Of the Arum family (Arace[ae]). [Obs.]\n"
+             "   [Webster 1913 Suppl. +PJC] Next\n")
     index, data = dictd([("00-database-info", "This file was converted by dictfmt"), ("Affect", gcide),
                          ("actor", "actor\n\n   <programming> An {object} which exists as a process.\n\n"
                                    "   (1994-11-08)\n")])
@@ -75,7 +76,8 @@ def test_dictd_entries_are_read_once_and_cleaned():
     assert [headword for headword, _ in entries] == ["Affect", "actor"]  # the database record left out, once each
     affect, actor = (ec.clean_dict_entry(text) for _, text in entries)
     assert affect == ("Affect, v. t. [L. affectus.]\n1. To act upon; to produce an effect upon.\n\n"
-                      "As might affect the earth with cold heat. --Milton.")
+                      "As might affect the earth with cold heat. --Milton.\n\n2. Of the Arum family (Araceæ). [Obs.] "
+                      "Next")
     assert actor == "actor\n\nAn object which exists as a process."
 
 
