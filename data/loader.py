@@ -66,12 +66,13 @@ def _missing_dataset_fix(prefix: str) -> str:
             "scripts/preprocess_data.py --output-prefix " + prefix)
 
 
-def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_valid: bool) -> int:
-    """Clear errors, before megatron-core's asserts: files present, tokenizer matching, no empty split in use.
-    Returns the dataset's number of tokens."""
+def _check_dataset(prefix: str, info: TokenizerInfo, ranges: dict[str, tuple[float, float]],
+                   key: str = "data.paths") -> int:
+    """Clear errors, before megatron-core's asserts: files present, tokenizer matching, no empty split in use
+    (`ranges`: the share of the documents each split in use takes, by name). Returns the dataset's tokens."""
     for suffix in (".bin", ".idx"):
         if not os.path.exists(prefix + suffix):
-            raise ConfigError("data.paths", f"names {prefix}, but {prefix + suffix} does not exist; "
+            raise ConfigError(key, f"names {prefix}, but {prefix + suffix} does not exist; "
                               + _missing_dataset_fix(prefix))
     try:
         if not check_tokenizer_matches(prefix, info):
@@ -84,16 +85,25 @@ def _check_dataset(prefix: str, info: TokenizerInfo, split_matrix: list, need_va
         num_documents = len(dataset.sequence_lengths)
         num_tokens = int(dataset.sequence_lengths.sum(dtype=np.int64))
     except (AssertionError, ValueError, OSError) as error:
-        raise ConfigError("data.paths", f"names {prefix}, which megatron-core cannot read ({error}); re-create it "
+        raise ConfigError(key, f"names {prefix}, which megatron-core cannot read ({error}); re-create it "
                           "with scripts/preprocess_data.py") from error
-    for split, name in ((TRAIN, "train"), (VALID, "valid")):
-        if split == VALID and not need_valid:
-            continue
-        begin, end = (int(round(bound * num_documents)) for bound in split_matrix[split])
+    for name, bounds in ranges.items():
+        begin, end = (int(round(bound * num_documents)) for bound in bounds)
+        if end <= begin and bounds == (0.0, 1.0):
+            raise ConfigError(key, f"names {prefix}, which holds no documents; give a dataset with documents")
         if end <= begin:
             raise ConfigError("data.split", f"gives the {name} split none of the {num_documents} documents of "
                               f"{prefix}; give it a larger share, or use a corpus with more documents")
     return num_tokens
+
+
+def _weights(weights: list[float] | None, sizes: list[int]) -> list[float] | None:
+    """The blend weights megatron-core gets: None for one dataset (nothing to blend); for a list without weights,
+    the datasets' token counts (Megatron-LM samples an unweighted list in proportion to the datasets' sizes; here by
+    tokens, and not capped at one epoch, so that any number of steps can run)."""
+    if len(sizes) <= 1:
+        return None
+    return weights if weights is not None else [float(n) for n in sizes]
 
 
 def plain_npy_problem(path: str) -> str | None:
@@ -172,28 +182,36 @@ class GPTData:
         self.vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg.vocab_divisible_by)
 
         prefixes, weights = cfg.blend()
-        # Only train and valid are used; the test share stays held out of both.
-        split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
-        split_matrix[TEST] = None
-        if valid_samples == 0:
-            split_matrix[VALID] = None
-        sizes = [_check_dataset(prefix, tokenizer.info, split_matrix, valid_samples > 0) for prefix in prefixes]
-        if len(prefixes) == 1:
-            weights = None  # one dataset: no blending needed, whatever its weight
-        elif weights is None:  # Megatron-LM samples an unweighted list in proportion to the datasets' sizes; here
-            weights = sizes  # by tokens, and not capped at one epoch, so that any number of steps can run
         cache_dir = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # rank 0 writes the cache
             distrust_index_cache(cache_dir)
-        config = GPTDatasetConfig(
-            random_seed=seed, sequence_length=cfg.seq_length, blend=(prefixes, weights), split=cfg.split,
-            path_to_cache=cache_dir,
-            tokenizer=_TokenizerView(tokenizer.info), reset_position_ids=False, reset_attention_mask=False,
-            eod_mask_loss=False, create_attention_mask=False)
-        config.split_matrix = split_matrix
+        common = dict(random_seed=seed, sequence_length=cfg.seq_length, path_to_cache=cache_dir,
+                      tokenizer=_TokenizerView(tokenizer.info), reset_position_ids=False, reset_attention_mask=False,
+                      eod_mask_loss=False, create_attention_mask=False)
+        valid = cfg.valid_blend()
+        valid_prefixes = valid[0] if valid is not None else []
+        if valid is not None:  # a validation set of its own (Megatron-LM's --train-data-path / --valid-data-path)
+            sizes = [_check_dataset(prefix, tokenizer.info, {"train": (0.0, 1.0)}) for prefix in prefixes]
+            valid_sizes = [_check_dataset(prefix, tokenizer.info, {"valid": (0.0, 1.0)}, "data.valid_paths")
+                           for prefix in (valid_prefixes if valid_samples > 0 else [])]
+            valid_blend = (valid_prefixes, _weights(valid[1], valid_sizes)) if valid_samples > 0 else None
+            config = GPTDatasetConfig(blend_per_split=[(prefixes, _weights(weights, sizes)), valid_blend, None],
+                                      **common)
+        else:
+            # Only train and valid are used; the test share stays held out of both.
+            split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+            split_matrix[TEST] = None
+            if valid_samples == 0:
+                split_matrix[VALID] = None
+            ranges = {"train": split_matrix[TRAIN]}
+            if valid_samples > 0:
+                ranges["valid"] = split_matrix[VALID]
+            sizes = [_check_dataset(prefix, tokenizer.info, ranges) for prefix in prefixes]
+            config = GPTDatasetConfig(blend=(prefixes, _weights(weights, sizes)), split=cfg.split, **common)
+            config.split_matrix = split_matrix
 
         builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], lambda: True, config)
-        blended = len(prefixes) > 1
+        blended = len(prefixes) > 1 or len(valid_prefixes) > 1
         with _process_group_for_blending() if blended else contextlib.nullcontext():
             self.train_dataset, self.valid_dataset, _ = builder.build()
 

