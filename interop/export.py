@@ -1,0 +1,225 @@
+"""A moetron GPT as a Hugging Face model folder (safetensors, config.json, tokenizer files), logits unchanged.
+
+Which transformers architecture holds a model exactly (every block: pre-LayerNorm with weight and bias,
+attention and MLP without biases, softmax(q k^T / sqrt(head_dim)), causal):
+
+    dense, learned positions, GELU (tanh)   -> gpt2       GPT2LMHeadModel; its linear biases are written as zeros
+                                                          and its activation is gelu_pytorch_tanh
+    dense, rotary positions, SwiGLU         -> stablelm   StableLmForCausalLM: Llama's attention and MLP with
+                                                          LayerNorm (Llama itself uses RMSNorm: not the same
+                                                          logits); partial_rotary_factor 1, no qkv bias, no
+                                                          parallel residual; q and k rows reordered from
+                                                          moetron's interleaved rotary pairs to rotate-half
+    anything else (every MoE, rope + GELU,  -> moetron    the small model in interop/remote/, copied into the
+    learned + SwiGLU)                                     folder (trust_remote_code=True)
+
+No MoE architecture of transformers 5.23 matches a moetron MoE: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DBRX,
+Granite-MoE and JetMoE normalise with RMSNorm or a LayerNorm without bias, and PhiMoE (the one LayerNorm MoE)
+routes every layer with SparseMixer top-2 only. `UNMATCHED` says why for each, so asking for one fails with the
+reason. Inference in any of these has no expert capacity: a model trained with the padded backend's capacity
+factor dropped tokens over capacity in training; the export computes every token (the reference backend's logits).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from model.gpt import GPT
+from train.config import Config
+
+ARCHS = ("auto", "gpt2", "stablelm", "moetron")
+# architectures one may expect a moetron model to become, and why none reproduces its logits
+UNMATCHED = {
+    "llama": "LlamaForCausalLM normalises with RMSNorm; moetron's blocks use LayerNorm (mean removed, with bias)",
+    "mixtral": "Mixtral normalises with RMSNorm; moetron's blocks use LayerNorm (mean removed, with bias)",
+    "qwen2_moe": "Qwen2-MoE normalises with RMSNorm and adds a shared expert; moetron uses LayerNorm and none",
+    "qwen3_moe": "Qwen3-MoE normalises with RMSNorm (also q and k); moetron's blocks use LayerNorm with bias",
+    "olmoe": "OLMoE normalises with RMSNorm (also q and k); moetron's blocks use LayerNorm with bias",
+    "dbrx": "DBRX's LayerNorms have no bias and it clips q|k|v; moetron's LayerNorms have a trained bias",
+    "phimoe": "PhiMoE routes every layer with SparseMixer top-2 and has no dense blocks; it fits only "
+              "moe.router.type=sparsemixer, moe.top_k=2, moe.layers=all (the moetron class holds that too)",
+}
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot become the requested architecture; the message names what is unsupported."""
+
+
+def choose_arch(cfg: Config, requested: str = "auto") -> str:
+    """The architecture for `cfg` (auto: the table of the module docstring); ExportError naming what the
+    requested one cannot hold."""
+    m, moe = cfg.model, cfg.moe
+    if requested in UNMATCHED:
+        raise ExportError(f"--arch {requested} is unsupported: {UNMATCHED[requested]}, so the logits would differ; "
+                          "use --arch auto (the moetron class reproduces any moetron model)")
+    if requested not in ARCHS:
+        raise ExportError(f"--arch {requested!r} is unknown; use one of {list(ARCHS)}")
+    needs = {"gpt2": ("learned", "gelu", "GPT-2 has learned positions and a GELU MLP"),
+             "stablelm": ("rope", "swiglu", "StableLM has rotary positions and a SwiGLU MLP")}
+    if requested == "auto":
+        dense = moe.num_experts == 0
+        return next((arch for arch, (pos, act, _) in needs.items()
+                     if dense and m.position == pos and m.activation == act), "moetron")
+    if requested in needs:
+        pos, act, what = needs[requested]
+        problems = [f"model.position={m.position}"] * (m.position != pos) + \
+                   [f"model.activation={m.activation}"] * (m.activation != act) + \
+                   [f"moe.num_experts={moe.num_experts} (an MoE)"] * (moe.num_experts > 0)
+        if problems:
+            raise ExportError(f"--arch {requested} cannot hold {', '.join(problems)}: {what} and no experts; use "
+                              "--arch auto (moetron's own class holds any combination)")
+    return requested
+
+
+def to_hf(model: GPT, cfg: Config, arch: str, bos_id: int | None = None, eos_id: int | None = None):
+    """The transformers model of `arch` holding `model`'s weights (fp32, eval mode)."""
+    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    build = {"gpt2": _gpt2, "stablelm": _stablelm, "moetron": _moetron}[arch]
+    hf, weights = build(sd, cfg, model.vocab_size, model.seq_length)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token = bos_id if key == "bos_token_id" else eos_id
+        setattr(hf.config, key, token)
+        setattr(hf.generation_config, key, token)
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{arch} mapping is incomplete: missing {sorted(set(missing) - tied)}, unexpected "
+                           f"{sorted(unexpected)}")
+    if cfg.model.tie_embeddings:
+        hf.tie_weights()
+    return hf.float().eval()
+
+
+def _layer_norms(sd: dict, src: str, dst: str) -> dict:
+    return {f"{dst}.weight": sd[f"{src}.weight"], f"{dst}.bias": sd[f"{src}.bias"]}
+
+
+def _gpt2(sd, cfg, vocab, seq):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    m = cfg.model
+    conf = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=m.hidden_size, n_layer=m.num_layers,
+                      n_head=m.num_heads, n_inner=m.ffn, activation_function="gelu_pytorch_tanh",
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.norm_eps,
+                      tie_word_embeddings=m.tie_embeddings)
+    w = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos.weight"],
+         **_layer_norms(sd, "ln_f", "transformer.ln_f")}
+    for i in range(m.num_layers):
+        src, dst = f"blocks.{i}", f"transformer.h.{i}"
+        w.update(_layer_norms(sd, f"{src}.ln1", f"{dst}.ln_1"))
+        w.update(_layer_norms(sd, f"{src}.ln2", f"{dst}.ln_2"))
+        # GPT-2's Conv1D stores [in, out] and adds a bias: the transposes, and zeros
+        for name, key in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc1"),
+                          ("mlp.c_proj", "mlp.fc2")):
+            weight = sd[f"{src}.{key}.weight"]
+            w[f"{dst}.{name}.weight"] = weight.t().contiguous()
+            w[f"{dst}.{name}.bias"] = weight.new_zeros(weight.shape[0])
+    if not m.tie_embeddings:
+        w["lm_head.weight"] = sd["head.weight"]
+    return GPT2LMHeadModel(conf), w
+
+
+def rotate_half_order(head_dim: int) -> torch.Tensor:
+    """Feature order within a head that turns moetron's rotary pairs (2i, 2i+1) into rotate-half's (i, i + hd/2):
+    [0, 2, 4, ..., 1, 3, 5, ...]. Permuting q and k alike leaves every q.k, so attention, unchanged."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def _stablelm(sd, cfg, vocab, seq):
+    from transformers import StableLmConfig, StableLmForCausalLM
+    m = cfg.model
+    d, H = m.hidden_size, m.num_heads
+    conf = StableLmConfig(vocab_size=vocab, intermediate_size=m.ffn, hidden_size=d, num_hidden_layers=m.num_layers,
+                          num_attention_heads=H, num_key_value_heads=H, hidden_act="silu",
+                          max_position_embeddings=seq, layer_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+                          rope_parameters={"rope_type": "default", "rope_theta": m.rope_base,
+                                           "partial_rotary_factor": 1.0},
+                          use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False,
+                          hidden_dropout=0.0, attention_dropout=0.0)
+    order = rotate_half_order(d // H)
+    w = {"model.embed_tokens.weight": sd["embed.weight"], **_layer_norms(sd, "ln_f", "model.norm")}
+    for i in range(m.num_layers):
+        src, dst = f"blocks.{i}", f"model.layers.{i}"
+        w.update(_layer_norms(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
+        w.update(_layer_norms(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
+        q, k, v = sd[f"{src}.attn.qkv.weight"].chunk(3)
+        w[f"{dst}.self_attn.q_proj.weight"] = q.view(H, -1, d)[:, order].reshape(d, d)
+        w[f"{dst}.self_attn.k_proj.weight"] = k.view(H, -1, d)[:, order].reshape(d, d)
+        w[f"{dst}.self_attn.v_proj.weight"] = v.contiguous()
+        w[f"{dst}.self_attn.o_proj.weight"] = sd[f"{src}.attn.proj.weight"]
+        w[f"{dst}.mlp.gate_proj.weight"] = sd[f"{src}.mlp.fc1.weight"]
+        w[f"{dst}.mlp.up_proj.weight"] = sd[f"{src}.mlp.fc3.weight"]
+        w[f"{dst}.mlp.down_proj.weight"] = sd[f"{src}.mlp.fc2.weight"]
+    if not m.tie_embeddings:
+        w["lm_head.weight"] = sd["head.weight"]
+    return StableLmForCausalLM(conf), w
+
+
+def moetron_config(cfg: Config, vocab: int, seq: int):
+    from interop.remote.configuration_moetron import MoetronConfig
+    m, moe = cfg.model, cfg.moe
+    return MoetronConfig(
+        vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        ffn_hidden_size=m.ffn, position=m.position, activation=m.activation, norm_eps=m.norm_eps,
+        rope_base=m.rope_base, max_position_embeddings=seq, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+        moe_layers=moe.moe_layer_indices(m.num_layers), moe_ffn_hidden_size=moe.ffn_hidden_size or m.ffn,
+        router_type=moe.router.type, renormalize=moe.router.renormalize,
+        expert_bias=moe.router.expert_bias_rate > 0, jitter_eps=moe.router.jitter_eps,
+        tie_word_embeddings=m.tie_embeddings)
+
+
+def _moetron(sd, cfg, vocab, seq):
+    from interop.remote.modeling_moetron import MoetronForCausalLM
+    w = {("lm_head.weight" if k == "head.weight" else f"model.{k}"): v for k, v in sd.items()}
+    return MoetronForCausalLM(moetron_config(cfg, vocab, seq)), w
+
+
+def save_hf(hf, out: Path) -> None:
+    """save_pretrained; for the moetron class also its two source files and config.json's auto_map."""
+    if hf.config.model_type == "moetron":
+        type(hf.config).register_for_auto_class()
+        type(hf).register_for_auto_class("AutoModelForCausalLM")
+    hf.save_pretrained(out)
+
+
+def sample_tokens(vocab: int, seq: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(vocab, (batch, min(length, seq)), generator=torch.Generator().manual_seed(seed))
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto", check: bool = True,
+                      tokenizer: str | None = None) -> dict:
+    """Write the Hugging Face folder `out` for the moetron checkpoint (a step-N folder), with the tokenizer
+    `tokenizer` (default: the config's data.tokenizer). With `check`, reload `out` with AutoModelForCausalLM and
+    compare its fp32 logits with the project's on random tokens. Returns {"arch", "max_abs_diff" (when checked),
+    "notes"}."""
+    from interop.checkpoints import load_checkpoint_model
+    from interop.tokenizer import write_tokenizer
+    model, cfg, saved = load_checkpoint_model(checkpoint)
+    arch = choose_arch(cfg, arch)
+    notes = []
+    saved_moe = saved.get("moe", {})
+    if cfg.moe.num_experts and saved_moe.get("backend") == "padded" and saved_moe.get("capacity", {}).get("factor"):
+        notes.append("trained with the padded backend's capacity factor: tokens over capacity were dropped in "
+                     "training; the exported model computes every token (dropless)")
+    bos = eos = None
+    out = Path(out)
+    try:
+        write_tokenizer(tokenizer or cfg.data.tokenizer, cfg.data.tokenizer_type, out)
+        tok = json.loads((out / "tokenizer_config.json").read_text())
+        from transformers import AutoTokenizer
+        loaded = AutoTokenizer.from_pretrained(out)  # before config.json exists: no remote code asked for
+        bos, eos = loaded.convert_tokens_to_ids(tok.get("bos_token")), loaded.eos_token_id
+    except (OSError, ValueError) as e:
+        notes.append(f"no tokenizer written ({e}); copy the tokenizer files into {out} yourself")
+    hf = to_hf(model, cfg, arch, bos, eos)
+    save_hf(hf, out)
+    report = {"arch": arch, "notes": notes}
+    if check:
+        from transformers import AutoModelForCausalLM
+        reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=arch == "moetron").float().eval()
+        tokens = sample_tokens(model.vocab_size, model.seq_length)
+        with torch.no_grad():
+            got = reloaded(tokens).logits
+        report["max_abs_diff"] = (got - model.logits(tokens)).abs().max().item()
+    return report
