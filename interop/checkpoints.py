@@ -47,12 +47,14 @@ def load_checkpoint_model(path: str | Path) -> tuple[GPT, Config, dict]:
 
 
 def save_checkpoint_model(model: GPT, cfg: Config, out: str | Path) -> Path:
-    """Write `model` as a step-0 checkpoint under <out>/checkpoints/ with <out>/config.yaml, so that
-    `pretrain.py --config <out>/config.yaml checkpoint.resume=<out>/checkpoints/step-0` trains on from it
-    (a fresh optimizer: the checkpoint holds no optimizer state). Returns the step-0 folder."""
+    """Write `model` as a step-0 checkpoint under <out>/checkpoints/ with <out>/config.yaml, whose run_dir is
+    <out> and resume auto, so that `pretrain.py --config <out>/config.yaml` trains on from it (with a fresh
+    optimizer: the checkpoint holds no optimizer state). Returns the step-0 folder."""
     from train.config import save_config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.logging.run_dir, cfg.checkpoint.resume = str(out), "auto"
     save_config(cfg, out / "config.yaml")
     checkpointer = Checkpointer(out / "checkpoints", CheckpointConfig(), ParallelState(), cfg.to_dict())
     optimizer = build_optimizer(model, cfg.train)  # no state yet: nothing of it is saved

@@ -92,7 +92,8 @@ def to_hf(model: GPT, cfg: Config, arch: str, bos_id: int | None = None, eos_id:
     return hf.float().eval()
 
 
-def _layer_norms(sd: dict, src: str, dst: str) -> dict:
+def layer_norm(sd: dict, src: str, dst: str) -> dict:
+    """The LayerNorm `src` of state dict `sd` under the name `dst`."""
     return {f"{dst}.weight": sd[f"{src}.weight"], f"{dst}.bias": sd[f"{src}.bias"]}
 
 
@@ -104,11 +105,11 @@ def _gpt2(sd, cfg, vocab, seq):
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.norm_eps,
                       tie_word_embeddings=m.tie_embeddings)
     w = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos.weight"],
-         **_layer_norms(sd, "ln_f", "transformer.ln_f")}
+         **layer_norm(sd, "ln_f", "transformer.ln_f")}
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}", f"transformer.h.{i}"
-        w.update(_layer_norms(sd, f"{src}.ln1", f"{dst}.ln_1"))
-        w.update(_layer_norms(sd, f"{src}.ln2", f"{dst}.ln_2"))
+        w.update(layer_norm(sd, f"{src}.ln1", f"{dst}.ln_1"))
+        w.update(layer_norm(sd, f"{src}.ln2", f"{dst}.ln_2"))
         # GPT-2's Conv1D stores [in, out] and adds a bias: the transposes, and zeros
         for name, key in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc1"),
                           ("mlp.c_proj", "mlp.fc2")):
@@ -138,11 +139,11 @@ def _stablelm(sd, cfg, vocab, seq):
                           use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False,
                           hidden_dropout=0.0, attention_dropout=0.0)
     order = rotate_half_order(d // H)
-    w = {"model.embed_tokens.weight": sd["embed.weight"], **_layer_norms(sd, "ln_f", "model.norm")}
+    w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}", f"model.layers.{i}"
-        w.update(_layer_norms(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
-        w.update(_layer_norms(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
+        w.update(layer_norm(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
+        w.update(layer_norm(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
         q, k, v = sd[f"{src}.attn.qkv.weight"].chunk(3)
         w[f"{dst}.self_attn.q_proj.weight"] = q.view(H, -1, d)[:, order].reshape(d, d)
         w[f"{dst}.self_attn.k_proj.weight"] = k.view(H, -1, d)[:, order].reshape(d, d)
@@ -165,7 +166,7 @@ def moetron_config(cfg: Config, vocab: int, seq: int):
         rope_base=m.rope_base, max_position_embeddings=seq, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
         moe_layers=moe.moe_layer_indices(m.num_layers), moe_ffn_hidden_size=moe.ffn_hidden_size or m.ffn,
         router_type=moe.router.type, renormalize=moe.router.renormalize,
-        expert_bias=moe.router.expert_bias_rate > 0, jitter_eps=moe.router.jitter_eps,
+        expert_bias_rate=moe.router.expert_bias_rate, jitter_eps=moe.router.jitter_eps,
         tie_word_embeddings=m.tie_embeddings)
 
 

@@ -17,9 +17,11 @@ import torch
 from data.config import DataConfig
 from interop.checkpoints import load_checkpoint_model, save_checkpoint_model
 from interop.export import ExportError, choose_arch, export_checkpoint
+from interop.hf_import import HFImportError, import_folder
 from model.config import ModelConfig
 from model.gpt import GPT
 from moe.config import MoEConfig, RouterConfig
+from parallel.state import ParallelState
 from train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +186,7 @@ LAYOUT_KINDS = {(2, 1): dict(position="rope", activation="swiglu", tie_embedding
 
 def _save_split(rank: int, size: int, tmp: str, port: int) -> None:
     from parallel.factory import build_layers
-    from parallel.state import ParallelState, build_state
+    from parallel.state import build_state
     from train.checkpoint import Checkpointer
     from train.config import CheckpointConfig
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -222,3 +224,116 @@ def test_export_of_a_checkpoint_saved_under_tensor_and_expert_parallelism(tmp_pa
         assert torch.equal(loaded.logits(x), reference.logits(x))
         export_checkpoint(step, tmp_path / f"hf-tp{tp}-ep{ep}", check=False)
         check_logits_and_generate(hf_load(tmp_path / f"hf-tp{tp}-ep{ep}"), reference)
+
+
+# ------------------------------------------------------------------------------------ import and upcycling
+
+def hf_model(kind: str, **overrides):
+    """A random transformers GPT-2 or StableLM of the shapes moetron computes, LayerNorms perturbed."""
+    from transformers import GPT2Config, GPT2LMHeadModel, StableLmConfig, StableLmForCausalLM
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        conf = GPT2Config(vocab_size=V, n_positions=S, n_embd=32, n_layer=2, n_head=2, n_inner=48,
+                          activation_function="gelu_pytorch_tanh", **overrides)
+        hf = GPT2LMHeadModel(conf)
+    else:
+        conf = StableLmConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=S,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                                               "partial_rotary_factor": 1.0}, **overrides)
+        hf = StableLmForCausalLM(conf)
+    with torch.no_grad():
+        for name, t in hf.state_dict().items():
+            if "ln" in name or "norm" in name:
+                t.add_(torch.randn_like(t) * 0.2)
+            elif name.endswith(".bias"):  # GPT-2's linear biases: zero, as moetron's (absent) ones
+                t.zero_()
+    return hf.eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "stablelm"])
+def test_import_reproduces_hf_logits_and_round_trips(kind, tmp_path):
+    """transformers model -> moetron (logits equal) -> moetron checkpoint -> exported again (logits equal)."""
+    hf = hf_model(kind, tie_word_embeddings=kind == "gpt2")
+    hf.save_pretrained(tmp_path / "hf")
+    model, cfg = import_folder(tmp_path / "hf")
+    assert (cfg.model.position, cfg.model.tie_embeddings) == (("learned", True) if kind == "gpt2" else ("rope", False))
+    x = tokens()
+    with torch.no_grad():
+        want = hf(x).logits
+    assert (model.logits(x) - want).abs().max().item() <= TOL
+    step = save_checkpoint_model(model, cfg, tmp_path / "run")
+    assert export_checkpoint(step, tmp_path / "back", check=False)["arch"] == kind
+    with torch.no_grad():
+        assert (hf_load(tmp_path / "back")(x).logits - want).abs().max().item() <= TOL
+
+
+def test_import_of_a_moetron_moe_export(tmp_path):
+    cfg = make_config(moe=MoEConfig(num_experts=4, top_k=2, layers="0", router=RouterConfig(expert_bias_rate=0.01)))
+    model = make_model(cfg)
+    export_checkpoint(save_checkpoint_model(model, cfg, tmp_path / "run"), tmp_path / "hf", check=False)
+    back, back_cfg = import_folder(tmp_path / "hf")
+    assert (back_cfg.moe.num_experts, back_cfg.moe.top_k, back_cfg.moe.layers) == (4, 2, "0")
+    assert back_cfg.moe.router.expert_bias_rate == 0.01
+    x = tokens()
+    assert torch.equal(back.logits(x), model.logits(x))
+
+
+def test_import_refuses_what_moetron_cannot_compute(tmp_path):
+    hf = hf_model("gpt2")
+    with torch.no_grad():
+        hf.transformer.h[1].attn.c_attn.bias[3] = 0.5
+    hf.save_pretrained(tmp_path / "biased")
+    with pytest.raises(HFImportError, match="h.1.attn.c_attn has a non-zero bias"):
+        import_folder(tmp_path / "biased")
+    cases = {"llama": ({"model_type": "llama"}, "it normalises with RMSNorm"),
+             "partial": ({"model_type": "stablelm", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                          "intermediate_size": 48, "max_position_embeddings": S, "vocab_size": V,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                              "partial_rotary_factor": 0.25}}, "partial_rotary_factor=0.25"),
+             "bert": ({"model_type": "bert"}, "model_type=bert is unsupported")}
+    for name, (config, words) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with pytest.raises(HFImportError, match=words):
+            import_folder(tmp_path / name)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_upcycled_moe_starts_as_the_dense_model(top_k, tmp_path):
+    """A dense checkpoint upcycled by scripts/import_hf.py: every expert a copy of the dense MLP, the router fresh,
+    the top-k gates renormalised: the MoE's logits are the dense model's, though tokens go to several experts;
+    without renormalisation they are not. The written run trains on (resume=auto finds step-0)."""
+    from train.checkpoint import Checkpointer
+    from train.config import load_config
+    from train.optim import build_optimizer
+    cfg = make_config(position="rope", activation="swiglu", num_layers=3)
+    dense = make_model(cfg)
+    step = save_checkpoint_model(dense, cfg, tmp_path / "dense")
+    assert run_script("import_hf", [str(step), str(tmp_path / "moe"), "--experts", "4", "--top-k", str(top_k),
+                                    "--moe-layers", "0,2"]) == 0
+    moe, moe_cfg, _ = load_checkpoint_model(tmp_path / "moe" / "checkpoints" / "step-0")
+    assert (moe_cfg.moe.num_experts, moe_cfg.moe.top_k, moe_cfg.moe.router.renormalize) == (4, top_k, True)
+    assert [i for i, b in enumerate(moe.blocks) if b.mlp in moe.moe_layers()] == [0, 2]
+    for i in (0, 2):
+        experts, mlp = moe.blocks[i].mlp.experts, dense.blocks[i].mlp
+        for e in range(4):
+            assert torch.equal(experts.w1[e], mlp.fc1.weight.t()) and torch.equal(experts.w2[e], mlp.fc2.weight.t())
+            assert torch.equal(experts.w3[e], mlp.fc3.weight.t())
+    x = tokens()
+    assert (moe.logits(x) - dense.logits(x)).abs().max().item() <= 1e-5
+    router = moe.blocks[0].mlp.router
+    chosen = router(dense.blocks[0].ln2(dense.embed(x)).reshape(-1, 32)).expert_ids
+    assert chosen.unique().numel() > 1  # a fresh router, not one that sends everything to one expert
+    if top_k == 2:
+        from interop.hf_import import upcycle
+        plain, _ = upcycle(dense, cfg, 4, 2, renormalize=False)
+        assert (plain.logits(x) - dense.logits(x)).abs().max().item() > 1e-3
+    run = load_config(tmp_path / "moe" / "config.yaml")
+    checkpointer = Checkpointer(Path(run.logging.run_dir) / "checkpoints", run.checkpoint, ParallelState(),
+                                run.to_dict())
+    found = checkpointer.resolve(run.checkpoint.resume)
+    assert found is not None and found.name == "step-0"
+    fresh = GPT(run.model, run.moe, V, S)
+    assert checkpointer.load(found, fresh, build_optimizer(fresh, run.train))["step"] == 0
+    assert torch.equal(fresh.logits(x), moe.logits(x))

@@ -84,7 +84,7 @@ class MoetronRouter(nn.Module):
         if cfg.router_type == "sparsemixer":
             return sparsemixer_eval(logits, cfg.num_experts_per_tok, cfg.jitter_eps)
         probs = logits.softmax(-1)
-        if cfg.expert_bias:  # the bias picks the experts; the gates stay the unbiased probabilities
+        if cfg.expert_bias_rate > 0:  # the bias picks the experts; the gates stay the unbiased probabilities
             ids = torch.topk(probs + self.expert_bias, cfg.num_experts_per_tok, dim=-1).indices
             weights = probs.gather(1, ids)
         else:
