@@ -10,14 +10,20 @@ attention and MLP without biases, softmax(q k^T / sqrt(head_dim)), causal):
                                                           logits); partial_rotary_factor 1, no qkv bias, no
                                                           parallel residual; q and k rows reordered from
                                                           moetron's interleaved rotary pairs to rotate-half
-    anything else (every MoE, rope + GELU,  -> moetron    the small model in interop/remote/, copied into the
-    learned + SwiGLU)                                     folder (trust_remote_code=True)
+    MoE in every block, rotary, SwiGLU,     -> phimoe     PhimoeForCausalLM: LayerNorm with bias, SparseMixer
+    SparseMixer top-2 (router.type=                       top-2 routing whose evaluation rule is moetron's
+    sparsemixer, top_k=2, layers=all)                     (moe/sparsemixer.py follows the PhiMoE code); its
+                                                          router runs in the model's dtype, moetron's in fp32
+                                                          (the same in fp32, not bit-equal in bf16)
+    anything else (softmax-routed MoE,      -> moetron    the small model in interop/remote/, copied into the
+    rope + GELU, learned + SwiGLU)                        folder (trust_remote_code=True)
 
-No MoE architecture of transformers 5.23 matches a moetron MoE: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DBRX,
-Granite-MoE and JetMoE normalise with RMSNorm or a LayerNorm without bias, and PhiMoE (the one LayerNorm MoE)
-routes every layer with SparseMixer top-2 only. `UNMATCHED` says why for each, so asking for one fails with the
-reason. Inference in any of these has no expert capacity: a model trained with the padded backend's capacity
-factor dropped tokens over capacity in training; the export computes every token (the reference backend's logits).
+No softmax-routed MoE architecture of transformers 5.23 matches a moetron MoE: Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE, Granite-MoE and JetMoE normalise with RMSNorm, DBRX with a LayerNorm without bias, and PhiMoE (the one
+MoE with moetron's LayerNorm) routes with SparseMixer only. `UNMATCHED` says why for each, so asking for one
+fails with the reason. Inference in any of these has no expert capacity: a model trained with the padded
+backend's capacity factor dropped tokens over capacity in training; the export computes every token (the
+reference backend's logits).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch
 from model.gpt import GPT
 from train.config import Config
 
-ARCHS = ("auto", "gpt2", "stablelm", "moetron")
+ARCHS = ("auto", "gpt2", "stablelm", "phimoe", "moetron")
 # architectures one may expect a moetron model to become, and why none reproduces its logits
 UNMATCHED = {
     "llama": "LlamaForCausalLM normalises with RMSNorm; moetron's blocks use LayerNorm (mean removed, with bias)",
@@ -38,8 +44,6 @@ UNMATCHED = {
     "qwen3_moe": "Qwen3-MoE normalises with RMSNorm (also q and k); moetron's blocks use LayerNorm with bias",
     "olmoe": "OLMoE normalises with RMSNorm (also q and k); moetron's blocks use LayerNorm with bias",
     "dbrx": "DBRX's LayerNorms have no bias and it clips q|k|v; moetron's LayerNorms have a trained bias",
-    "phimoe": "PhiMoE routes every layer with SparseMixer top-2 and has no dense blocks; it fits only "
-              "moe.router.type=sparsemixer, moe.top_k=2, moe.layers=all (the moetron class holds that too)",
 }
 
 
@@ -58,10 +62,21 @@ def choose_arch(cfg: Config, requested: str = "auto") -> str:
         raise ExportError(f"--arch {requested!r} is unknown; use one of {list(ARCHS)}")
     needs = {"gpt2": ("learned", "gelu", "GPT-2 has learned positions and a GELU MLP"),
              "stablelm": ("rope", "swiglu", "StableLM has rotary positions and a SwiGLU MLP")}
+    phimoe = [f"moe.num_experts={moe.num_experts} (a dense model)"] * (moe.num_experts == 0)
+    if moe.num_experts:
+        phimoe = [f"moe.router.type={moe.router.type}"] * (moe.router.type != "sparsemixer") + \
+                 [f"moe.top_k={moe.top_k}"] * (moe.top_k != 2) + \
+                 [f"moe.layers={moe.layers} (dense blocks)"] * (len(moe.moe_layer_indices(m.num_layers)) < m.num_layers)
+    phimoe += [f"model.position={m.position}"] * (m.position != "rope") + \
+              [f"model.activation={m.activation}"] * (m.activation != "swiglu")
     if requested == "auto":
         dense = moe.num_experts == 0
         return next((arch for arch, (pos, act, _) in needs.items()
-                     if dense and m.position == pos and m.activation == act), "moetron")
+                     if dense and m.position == pos and m.activation == act), "moetron" if phimoe else "phimoe")
+    if requested == "phimoe" and phimoe:
+        raise ExportError(f"--arch phimoe cannot hold {', '.join(phimoe)}: PhiMoE routes every block with "
+                          "SparseMixer top-2 over rotary, SwiGLU blocks; use --arch auto (moetron's own class holds "
+                          "any combination)")
     if requested in needs:
         pos, act, what = needs[requested]
         problems = [f"model.position={m.position}"] * (m.position != pos) + \
@@ -76,7 +91,7 @@ def choose_arch(cfg: Config, requested: str = "auto") -> str:
 def to_hf(model: GPT, cfg: Config, arch: str, bos_id: int | None = None, eos_id: int | None = None):
     """The transformers model of `arch` holding `model`'s weights (fp32, eval mode)."""
     sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    build = {"gpt2": _gpt2, "stablelm": _stablelm, "moetron": _moetron}[arch]
+    build = {"gpt2": _gpt2, "stablelm": _stablelm, "phimoe": _phimoe, "moetron": _moetron}[arch]
     hf, weights = build(sd, cfg, model.vocab_size, model.seq_length)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         token = bos_id if key == "bos_token_id" else eos_id
@@ -138,23 +153,55 @@ def _stablelm(sd, cfg, vocab, seq):
                                            "partial_rotary_factor": 1.0},
                           use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False,
                           hidden_dropout=0.0, attention_dropout=0.0)
-    order = rotate_half_order(d // H)
     w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}", f"model.layers.{i}"
         w.update(layer_norm(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
         w.update(layer_norm(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
-        q, k, v = sd[f"{src}.attn.qkv.weight"].chunk(3)
-        w[f"{dst}.self_attn.q_proj.weight"] = q.view(H, -1, d)[:, order].reshape(d, d)
-        w[f"{dst}.self_attn.k_proj.weight"] = k.view(H, -1, d)[:, order].reshape(d, d)
-        w[f"{dst}.self_attn.v_proj.weight"] = v.contiguous()
-        w[f"{dst}.self_attn.o_proj.weight"] = sd[f"{src}.attn.proj.weight"]
+        w.update(_attention_rotate_half(sd, f"{src}.attn", f"{dst}.self_attn", d, H))
         w[f"{dst}.mlp.gate_proj.weight"] = sd[f"{src}.mlp.fc1.weight"]
         w[f"{dst}.mlp.up_proj.weight"] = sd[f"{src}.mlp.fc3.weight"]
         w[f"{dst}.mlp.down_proj.weight"] = sd[f"{src}.mlp.fc2.weight"]
     if not m.tie_embeddings:
         w["lm_head.weight"] = sd["head.weight"]
     return StableLmForCausalLM(conf), w
+
+
+def _attention_rotate_half(sd: dict, src: str, dst: str, d: int, H: int) -> dict:
+    """q, k (rows reordered for rotate-half), v, o of moetron's attention `src` under Llama's names at `dst`."""
+    order = rotate_half_order(d // H)
+    q, k, v = sd[f"{src}.qkv.weight"].chunk(3)
+    return {f"{dst}.q_proj.weight": q.view(H, -1, d)[:, order].reshape(d, d),
+            f"{dst}.k_proj.weight": k.view(H, -1, d)[:, order].reshape(d, d),
+            f"{dst}.v_proj.weight": v.contiguous(), f"{dst}.o_proj.weight": sd[f"{src}.proj.weight"]}
+
+
+def _phimoe(sd, cfg, vocab, seq):
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+    m, moe = cfg.model, cfg.moe
+    d, H = m.hidden_size, m.num_heads
+    conf = PhimoeConfig(vocab_size=vocab, hidden_size=d, intermediate_size=moe.ffn_hidden_size or m.ffn,
+                        num_hidden_layers=m.num_layers, num_attention_heads=H, num_key_value_heads=H,
+                        hidden_act="silu", max_position_embeddings=seq, rms_norm_eps=m.norm_eps,
+                        tie_word_embeddings=m.tie_embeddings, sliding_window=None,
+                        rope_parameters={"rope_type": "default", "rope_theta": m.rope_base},
+                        num_experts_per_tok=2, num_local_experts=moe.num_experts,
+                        router_jitter_noise=moe.router.jitter_eps, input_jitter_noise=0.0, attention_bias=False,
+                        lm_head_bias=False, attention_dropout=0.0)
+    w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
+    for i in range(m.num_layers):
+        src, dst = f"blocks.{i}", f"model.layers.{i}"
+        w.update(layer_norm(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
+        w.update(layer_norm(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
+        w.update(_attention_rotate_half(sd, f"{src}.attn", f"{dst}.self_attn", d, H))
+        w[f"{dst}.mlp.router.weight"] = sd[f"{src}.mlp.router.weight"]
+        # PhiMoE's experts hold [E, 2f, d] (gate rows, then up rows) and [E, d, f]: moetron's [E, d, f] transposed
+        w1, w3, w2 = (sd[f"{src}.mlp.experts.{n}"] for n in ("w1", "w3", "w2"))
+        w[f"{dst}.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], 2).transpose(1, 2).contiguous()
+        w[f"{dst}.mlp.experts.down_proj"] = w2.transpose(1, 2).contiguous()
+    if not m.tie_embeddings:
+        w["lm_head.weight"] = sd["head.weight"]
+    return PhimoeForCausalLM(conf), w
 
 
 def moetron_config(cfg: Config, vocab: int, seq: int):

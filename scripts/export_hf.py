@@ -4,9 +4,10 @@ saved under any parallel layout:
 
     python scripts/export_hf.py runs/tiny/checkpoints/step-120 hf/tiny
 
-Dense models become GPT-2 (learned positions, GELU) or StableLM (rotary, SwiGLU: Llama's blocks with LayerNorm);
-every other model, MoE included, becomes moetron's own small transformers class, copied into the folder
-(load it with trust_remote_code=True). The folder is then reloaded and its fp32 logits compared with the
+Dense models become GPT-2 (learned positions, GELU) or StableLM (rotary, SwiGLU: Llama's blocks with LayerNorm),
+a SparseMixer top-2 MoE in every block with rotary SwiGLU blocks becomes PhiMoE; every other model (softmax-routed
+MoEs among them) becomes moetron's own small transformers class, copied into the folder (load it with
+trust_remote_code=True). The folder is then reloaded and its fp32 logits compared with the
 project's on random tokens (--no-check skips that). interop/export.py says why each architecture was chosen.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a step-N checkpoint folder")
     parser.add_argument("out", help="the folder to write")
     parser.add_argument("--arch", default="auto", choices=[*ARCHS, *UNMATCHED],
-                        help="auto (default) picks gpt2, stablelm or moetron; the others fail, saying why")
+                        help="auto (default) picks gpt2, stablelm, phimoe or moetron; the others fail, saying why")
     parser.add_argument("--tokenizer", default=None, help="the tokenizer to write (default: the checkpoint "
                         "config's data.tokenizer)")
     parser.add_argument("--no-check", action="store_true", help="skip reloading the folder to compare logits")

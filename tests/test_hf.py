@@ -90,8 +90,10 @@ KINDS = {  # name: (config, the architecture auto picks)
                              "moetron"),
     "sparsemixer_top1": (dict(moe=MoEConfig(num_experts=4, top_k=1, router=RouterConfig(type="sparsemixer",
                                                                                        jitter_eps=0.3))), "moetron"),
-    "sparsemixer_top2_rope_swiglu": (dict(position="rope", activation="swiglu", moe=MoEConfig(
-        num_experts=4, top_k=2, router=RouterConfig(type="sparsemixer", jitter_eps=0.3))), "moetron"),
+    "sparsemixer_top2": (dict(moe=MoEConfig(num_experts=4, top_k=2, router=RouterConfig(type="sparsemixer",
+                                                                                       jitter_eps=0.3))), "moetron"),
+    "phimoe": (dict(position="rope", activation="swiglu", tie_embeddings=False, moe=MoEConfig(
+        num_experts=4, top_k=2, router=RouterConfig(type="sparsemixer", jitter_eps=0.3))), "phimoe"),
 }
 
 
@@ -105,7 +107,7 @@ def test_export_reproduces_logits(kind, tmp_path):
     assert report["arch"] == arch
     hf = hf_load(tmp_path / "hf")
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "stablelm": "StableLmForCausalLM",
-                                 "moetron": "MoetronForCausalLM"}[arch]
+                                 "phimoe": "PhimoeForCausalLM", "moetron": "MoetronForCausalLM"}[arch]
     check_logits_and_generate(hf, model)
 
 
@@ -158,6 +160,13 @@ def test_unsupported_requests_name_the_problem():
     with pytest.raises(ExportError, match="Mixtral normalises with RMSNorm"):
         choose_arch(moe, "mixtral")
     assert choose_arch(moe, "moetron") == choose_arch(moe) == "moetron"
+    with pytest.raises(ExportError, match="cannot hold moe.router.type=softmax"):
+        choose_arch(moe, "phimoe")
+    mixed = make_config(moe=MoEConfig(num_experts=4, top_k=2, layers="1", router=RouterConfig(
+        type="sparsemixer", jitter_eps=0.1)), position="rope", activation="swiglu")
+    with pytest.raises(ExportError, match=r"moe.layers=1 \(dense blocks\)"):
+        choose_arch(mixed, "phimoe")
+    assert choose_arch(mixed) == "moetron"
 
 
 def run_script(name: str, args: list[str]) -> int:
