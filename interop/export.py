@@ -27,7 +27,6 @@ reference backend's logits).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -254,10 +253,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, arch: str = "auto
     out = Path(out)
     try:
         write_tokenizer(tokenizer or cfg.data.tokenizer, cfg.data.tokenizer_type, out)
-        tok = json.loads((out / "tokenizer_config.json").read_text())
         from transformers import AutoTokenizer
         loaded = AutoTokenizer.from_pretrained(out)  # before config.json exists: no remote code asked for
-        bos, eos = loaded.convert_tokens_to_ids(tok.get("bos_token")), loaded.eos_token_id
+        bos, eos = loaded.bos_token_id, loaded.eos_token_id
     except (OSError, ValueError) as e:
         notes.append(f"no tokenizer written ({e}); copy the tokenizer files into {out} yourself")
     hf = to_hf(model, cfg, arch, bos, eos)

@@ -112,11 +112,12 @@ def test_export_reproduces_logits(kind, tmp_path):
 
 
 def test_padded_generation_and_tokenizer(tmp_path):
-    """Batched, left-padded generation from text gives each prompt the continuation it gets alone."""
+    """Batched, left-padded generation from text gives each prompt the continuation it gets alone (learned
+    positions: a padded prompt's positions must start at 0 too)."""
     if not TOKENIZER.is_file():
         pytest.skip("no corpus tokenizer (scripts/prepare_corpus.py makes it)")
     from transformers import AutoTokenizer
-    cfg = make_config(moe=MoEConfig(num_experts=4, top_k=2), position="rope", activation="swiglu")
+    cfg = make_config(moe=MoEConfig(num_experts=4, top_k=2))
     step = save_checkpoint_model(make_model(cfg), cfg, tmp_path / "run")
     export_checkpoint(step, tmp_path / "hf", check=False)
     hf, tok = hf_load(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
