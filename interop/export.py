@@ -91,11 +91,8 @@ def to_hf(model: GPT, cfg: Config, arch: str, bos_id: int | None = None, eos_id:
     """The transformers model of `arch` holding `model`'s weights (fp32, eval mode)."""
     sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     build = {"gpt2": _gpt2, "stablelm": _stablelm, "phimoe": _phimoe, "moetron": _moetron}[arch]
-    hf, weights = build(sd, cfg, model.vocab_size, model.seq_length)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        token = bos_id if key == "bos_token_id" else eos_id
-        setattr(hf.config, key, token)
-        setattr(hf.generation_config, key, token)
+    special = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}  # padding: generate's
+    hf, weights = build(sd, cfg, model.vocab_size, model.seq_length, special)
     missing, unexpected = hf.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -111,13 +108,13 @@ def layer_norm(sd: dict, src: str, dst: str) -> dict:
     return {f"{dst}.weight": sd[f"{src}.weight"], f"{dst}.bias": sd[f"{src}.bias"]}
 
 
-def _gpt2(sd, cfg, vocab, seq):
+def _gpt2(sd, cfg, vocab, seq, special):
     from transformers import GPT2Config, GPT2LMHeadModel
     m = cfg.model
     conf = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=m.hidden_size, n_layer=m.num_layers,
                       n_head=m.num_heads, n_inner=m.ffn, activation_function="gelu_pytorch_tanh",
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.norm_eps,
-                      tie_word_embeddings=m.tie_embeddings)
+                      tie_word_embeddings=m.tie_embeddings, **special)
     w = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos.weight"],
          **layer_norm(sd, "ln_f", "transformer.ln_f")}
     for i in range(m.num_layers):
@@ -141,7 +138,7 @@ def rotate_half_order(head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
-def _stablelm(sd, cfg, vocab, seq):
+def _stablelm(sd, cfg, vocab, seq, special):
     from transformers import StableLmConfig, StableLmForCausalLM
     m = cfg.model
     d, H = m.hidden_size, m.num_heads
@@ -151,7 +148,7 @@ def _stablelm(sd, cfg, vocab, seq):
                           rope_parameters={"rope_type": "default", "rope_theta": m.rope_base,
                                            "partial_rotary_factor": 1.0},
                           use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False,
-                          hidden_dropout=0.0, attention_dropout=0.0)
+                          hidden_dropout=0.0, attention_dropout=0.0, **special)
     w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}", f"model.layers.{i}"
@@ -175,7 +172,7 @@ def _attention_rotate_half(sd: dict, src: str, dst: str, d: int, H: int) -> dict
             f"{dst}.v_proj.weight": v.contiguous(), f"{dst}.o_proj.weight": sd[f"{src}.proj.weight"]}
 
 
-def _phimoe(sd, cfg, vocab, seq):
+def _phimoe(sd, cfg, vocab, seq, special):
     from transformers import PhimoeConfig, PhimoeForCausalLM
     m, moe = cfg.model, cfg.moe
     d, H = m.hidden_size, m.num_heads
@@ -186,7 +183,7 @@ def _phimoe(sd, cfg, vocab, seq):
                         rope_parameters={"rope_type": "default", "rope_theta": m.rope_base},
                         num_experts_per_tok=2, num_local_experts=moe.num_experts,
                         router_jitter_noise=moe.router.jitter_eps, input_jitter_noise=0.0, attention_bias=False,
-                        lm_head_bias=False, attention_dropout=0.0)
+                        lm_head_bias=False, attention_dropout=0.0, **special)
     w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}", f"model.layers.{i}"
@@ -203,7 +200,7 @@ def _phimoe(sd, cfg, vocab, seq):
     return PhimoeForCausalLM(conf), w
 
 
-def moetron_config(cfg: Config, vocab: int, seq: int):
+def moetron_config(cfg: Config, vocab: int, seq: int, special: dict):
     from interop.remote.configuration_moetron import MoetronConfig
     m, moe = cfg.model, cfg.moe
     return MoetronConfig(
@@ -213,13 +210,13 @@ def moetron_config(cfg: Config, vocab: int, seq: int):
         moe_layers=moe.moe_layer_indices(m.num_layers), moe_ffn_hidden_size=moe.ffn_hidden_size or m.ffn,
         router_type=moe.router.type, renormalize=moe.router.renormalize,
         expert_bias_rate=moe.router.expert_bias_rate, jitter_eps=moe.router.jitter_eps,
-        tie_word_embeddings=m.tie_embeddings)
+        tie_word_embeddings=m.tie_embeddings, **special)
 
 
-def _moetron(sd, cfg, vocab, seq):
+def _moetron(sd, cfg, vocab, seq, special):
     from interop.remote.modeling_moetron import MoetronForCausalLM
     w = {("lm_head.weight" if k == "head.weight" else f"model.{k}"): v for k, v in sd.items()}
-    return MoetronForCausalLM(moetron_config(cfg, vocab, seq)), w
+    return MoetronForCausalLM(moetron_config(cfg, vocab, seq, special)), w
 
 
 def save_hf(hf, out: Path) -> None:
