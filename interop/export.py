@@ -50,40 +50,42 @@ class ExportError(ValueError):
     """The checkpoint cannot become the requested architecture; the message names what is unsupported."""
 
 
-def choose_arch(cfg: Config, requested: str = "auto") -> str:
-    """The architecture for `cfg` (auto: the table of the module docstring); ExportError naming what the
-    requested one cannot hold."""
+# what each architecture holds: (model.position, model.activation, MoE?, in words)
+SHAPES = {"gpt2": ("learned", "gelu", False, "GPT-2 has learned positions, a GELU MLP and no experts"),
+          "stablelm": ("rope", "swiglu", False, "StableLM has rotary positions, a SwiGLU MLP and no experts"),
+          "phimoe": ("rope", "swiglu", True, "PhiMoE routes every block with SparseMixer top-2 over rotary, SwiGLU "
+                     "blocks")}
+
+
+def arch_problems(cfg: Config, arch: str) -> list[str]:
+    """The settings of `cfg` that `arch` (one of SHAPES) cannot hold; empty when it holds the model exactly."""
     m, moe = cfg.model, cfg.moe
+    position, activation, is_moe, _ = SHAPES[arch]
+    problems = [f"model.position={m.position}"] * (m.position != position) + \
+               [f"model.activation={m.activation}"] * (m.activation != activation)
+    if not is_moe:
+        return problems + [f"moe.num_experts={moe.num_experts} (an MoE)"] * (moe.num_experts > 0)
+    if not moe.num_experts:
+        return problems + [f"moe.num_experts={moe.num_experts} (a dense model)"]
+    dense_blocks = len(moe.moe_layer_indices(m.num_layers)) < m.num_layers
+    return problems + [f"moe.router.type={moe.router.type}"] * (moe.router.type != "sparsemixer") + \
+        [f"moe.top_k={moe.top_k}"] * (moe.top_k != 2) + [f"moe.layers={moe.layers} (dense blocks)"] * dense_blocks
+
+
+def choose_arch(cfg: Config, requested: str = "auto") -> str:
+    """The architecture for `cfg` (auto: the first of SHAPES that holds it, else moetron); ExportError naming
+    what the requested one cannot hold."""
     if requested in UNMATCHED:
         raise ExportError(f"--arch {requested} is unsupported: {UNMATCHED[requested]}, so the logits would differ; "
                           "use --arch auto (the moetron class reproduces any moetron model)")
     if requested not in ARCHS:
         raise ExportError(f"--arch {requested!r} is unknown; use one of {list(ARCHS)}")
-    needs = {"gpt2": ("learned", "gelu", "GPT-2 has learned positions and a GELU MLP"),
-             "stablelm": ("rope", "swiglu", "StableLM has rotary positions and a SwiGLU MLP")}
-    phimoe = [f"moe.num_experts={moe.num_experts} (a dense model)"] * (moe.num_experts == 0)
-    if moe.num_experts:
-        phimoe = [f"moe.router.type={moe.router.type}"] * (moe.router.type != "sparsemixer") + \
-                 [f"moe.top_k={moe.top_k}"] * (moe.top_k != 2) + \
-                 [f"moe.layers={moe.layers} (dense blocks)"] * (len(moe.moe_layer_indices(m.num_layers)) < m.num_layers)
-    phimoe += [f"model.position={m.position}"] * (m.position != "rope") + \
-              [f"model.activation={m.activation}"] * (m.activation != "swiglu")
     if requested == "auto":
-        dense = moe.num_experts == 0
-        return next((arch for arch, (pos, act, _) in needs.items()
-                     if dense and m.position == pos and m.activation == act), "moetron" if phimoe else "phimoe")
-    if requested == "phimoe" and phimoe:
-        raise ExportError(f"--arch phimoe cannot hold {', '.join(phimoe)}: PhiMoE routes every block with "
-                          "SparseMixer top-2 over rotary, SwiGLU blocks; use --arch auto (moetron's own class holds "
-                          "any combination)")
-    if requested in needs:
-        pos, act, what = needs[requested]
-        problems = [f"model.position={m.position}"] * (m.position != pos) + \
-                   [f"model.activation={m.activation}"] * (m.activation != act) + \
-                   [f"moe.num_experts={moe.num_experts} (an MoE)"] * (moe.num_experts > 0)
-        if problems:
-            raise ExportError(f"--arch {requested} cannot hold {', '.join(problems)}: {what} and no experts; use "
-                              "--arch auto (moetron's own class holds any combination)")
+        return next((arch for arch in SHAPES if not arch_problems(cfg, arch)), "moetron")
+    problems = arch_problems(cfg, requested) if requested in SHAPES else []
+    if problems:
+        raise ExportError(f"--arch {requested} cannot hold {', '.join(problems)}: {SHAPES[requested][3]}; use "
+                          "--arch auto (moetron's own class holds any combination)")
     return requested
 
 

@@ -149,6 +149,9 @@ def test_tokenizer_encodes_like_sentencepiece(tmp_path):
         assert hf(text, add_special_tokens=False)["input_ids"] == ids, text[:40]
         assert hf.decode(ids) == sp.decode(ids) == text, text[:40]
     assert (hf.eos_token_id, hf.pad_token_id) == (sp.eod_id, sp.eod_id)
+    write_tokenizer(str(tmp_path), "hf", tmp_path / "again")  # data.tokenizer_type=hf: saved as it is
+    again = AutoTokenizer.from_pretrained(tmp_path / "again")
+    assert all(again(text, add_special_tokens=False)["input_ids"] == sp.encode(text) for text in texts)
 
 
 def test_unsupported_requests_name_the_problem():
