@@ -156,10 +156,9 @@ class GPT(nn.Module):
                 layer.router.update_bias(loads[i])
         self.moe_stats.end_step()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """tokens, targets [B, S] -> (total loss, {"lm_loss", "aux_loss", "z_loss"}), aux and z averaged over
-        MoE layers."""
-        B, S = tokens.shape
+    def features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """tokens [B, S] -> (final-norm hidden states [B, S, d], the MoE layers' aux and z losses)."""
+        S = tokens.shape[1]
         x = self.embed(tokens)  # [B, S, d]
         if self.pos is not None:
             x = x + self.pos.weight[:S]
@@ -170,8 +169,24 @@ class GPT(nn.Module):
             if aux is not None:
                 aux_terms.append(aux)
                 z_terms.append(z)
-        x = self.ln_f(x)
-        weight = self.head.weight if self.head is not None else self.embed.weight  # [V / tp, d]
+        return self.ln_f(x), aux_terms, z_terms
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head [V / tp, d]: the embedding when tied."""
+        return self.head.weight if self.head is not None else self.embed.weight
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V / tp] in the activations' dtype, materialised whole: for inference
+        and checks (export, tests), not for training."""
+        return F.linear(self.features(tokens)[0], self.head_weight())
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens, targets [B, S] -> (total loss, {"lm_loss", "aux_loss", "z_loss"}), aux and z averaged over
+        MoE layers."""
+        B, S = tokens.shape
+        x, aux_terms, z_terms = self.features(tokens)
+        weight = self.head_weight()  # [V / tp, d]
         # the logits [B*S, V / tp] are computed chunk by chunk inside the loss, never whole; the label names the
         # phase in profiles (benchmarks/profile_step.py)
         with torch.profiler.record_function("lm_loss"):

@@ -241,15 +241,18 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load model, optimizer and (same world size) this rank's RNG states from `path`; return meta.json."""
+    def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        """Load model, optimizer and (same world size) this rank's RNG states from `path`; return meta.json.
+        optimizer=None loads the model's tensors only (export, inference)."""
         path = Path(path)
         self.verify(path)
         meta = json.loads((path / META).read_text())  # checked by checkpoint_problem
         self.parent = {"run_id": meta.get("run_id"), "step": meta["step"]}
         stored = SafeReader(path).read_metadata().state_dict_metadata
         shards = shard_specs(model, self.ps)
-        tensors = {**model_tensors(model), **optim_templates(model, optimizer, stored, shards)}
+        tensors = model_tensors(model)
+        if optimizer is not None:
+            tensors.update(optim_templates(model, optimizer, stored, shards))
         views = saved_views(tensors, model, shards, self.ps.device, gather=False)
         self._check_shapes(path, meta, views, stored)
         try:
@@ -264,6 +267,8 @@ class Checkpointer:
             if local.data_ptr() != tensors[key].data_ptr():
                 tensors[key].copy_(local)
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        if optimizer is None:
+            return meta
         load_optim(model, optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")})
         rng_file = path / f"rng-{self.ps.rank}.json"
         if meta["layout"]["world_size"] == self.ps.world_size and rng_file.is_file():

@@ -269,6 +269,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
             raise ConfigError("--config", f"file {path} must hold a mapping of sections")
     for item in overrides:
         _apply_override(tree, item)
+    return config_from_tree(tree, world_size)
+
+
+def config_from_tree(tree: dict, world_size: int = 1) -> Config:
+    """A config from its nested dict (a parsed YAML, or the `config` a checkpoint's meta.json records):
+    type-checked and validated. Raises ConfigError on any problem."""
     cfg = _build(Config, tree, "")
     cfg.validate(world_size)
     return cfg
