@@ -175,3 +175,21 @@ def test_rectify_gradients_reach_router_probs_and_experts():
     y.sum().backward()
     assert logits.grad[2].abs().sum() > 0 and x.grad[2].abs().sum() > 0  # the rescued token
     assert e.w1.grad[2].abs().sum() > 0  # the expert that only received fill-ins
+
+
+def test_study_script_smoke(tmp_path):
+    """benchmarks/rectify_study.py at toy size, one run: it trains, counts IR's rescues and FR's fills, and writes
+    its table (the study itself is a GPU measurement)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks/rectify_study.py"), "--smoke", "--factors", "0.5",
+                           "--top-k", "1", "--variants", "IR+FR", "--run-root", str(tmp_path / "runs"),
+                           "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(next(tmp_path.glob("*-rectify-study-smoke.json")).read_text())["rows"]
+    assert row["dropped_before"] > 0 and row["ir_rescued"] == 1 and row["dropped_after"] == 0
+    assert row["final_loss"] > 0 and next(tmp_path.glob("*-rectify-study-smoke.md")).read_text().count("| 0.5 |") == 1
