@@ -323,20 +323,36 @@ def check_rectify_layouts() -> None:
                       _true(frac == pytest.approx(one.num_dropped.item() / (12 * k)), "dropped fraction"),
                       _true(name != "IR" or cf != 0.5 or one.num_dropped == 0, "the paper's IR rescues every "
                             "dropped assignment"))
-    cases.raise_any()
     remote = local.clone()
     remote[:6, 4] = 3.5  # rank 0's tokens: e0 > e4 > e1 > ...
     cfg = CapacityConfig(factor=0.5, min=1, rectify_intra=True)
     (one, y_one), (mine, y, _) = L.run(remote, 1, cfg)
     rescued = mine.routing.kept[:, 1]
-    if L.ps.ep_rank == 0:
-        assert rescued.sum() == 5 and torch.equal(one.routing.kept[:6, 1], rescued), "one dropped, five rescued"
-        assert (mine.routing.expert_ids[rescued, 1] == 1).all(), "ep = 2: the best expert on the token's GPU"
-        assert (one.routing.expert_ids[:6][rescued, 1] == 4).all(), "one process: the best of all experts"
+    if L.ps.ep_rank == 0:  # C = ceil(.5*12/8) = 1: e0 keeps one of rank 0's six tokens
+        cases("remote", _true(rescued.sum() == 5 and torch.equal(one.routing.kept[:6, 1], rescued),
+                              "one dropped, five rescued"),
+              _true((mine.routing.expert_ids[rescued, 1] == 1).all(), "ep = 2: the best expert on the token's GPU"),
+              _true((one.routing.expert_ids[:6][rescued, 1] == 4).all(), "one process: the best of all experts"))
     else:
-        assert torch.equal(mine.routing.kept, one.routing.kept[L.own]) and torch.equal(y, y_one[L.own].detach())
+        cases("remote", _true(torch.equal(mine.routing.kept, one.routing.kept[L.own]), "rank 1 as one process"),
+              lambda: _close(y, y_one[L.own].detach(), "rank 1 output"))
     # the output is the experts of the routing ep = 2 decided, computed in one process
-    _close(y, run_experts(LocalDispatcher(), L.full, L.x[L.own], mine.routing)[0].detach(), "remote: output")
+    cases("remote", lambda: _close(y, run_experts(LocalDispatcher(), L.full, L.x[L.own], mine.routing)[0].detach(),
+                                   "output"))
+    # backward through the rows computed here (IR) and the ones sent (top-k, FR): input, router and expert
+    # gradients equal one process's
+    cfg = CapacityConfig(factor=0.5, min=1, rectify_intra=True, rectify_fill=True)
+    c = torch.randn(12, L.x.shape[1], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x, lg = L.x.clone().requires_grad_(), local.clone().requires_grad_()
+    (run_experts(LocalDispatcher(), L.full, x, _routing(lg, 1), cfg)[0] * c).sum().backward()
+    xm, lm = L.x[L.own].clone().requires_grad_(), local[L.own].clone().requires_grad_()
+    (run_experts(L.disp, L.local, xm, _routing(lm, 1), cfg)[0] * c[L.own]).sum().backward()
+    experts = L.disp.local_experts(8)
+    cases("gradients", lambda: _close(xm.grad, x.grad[L.own], "input"),
+          lambda: _close(lm.grad, lg.grad[L.own], "logits"),
+          *[lambda n=n: _close(getattr(L.local, n).grad, getattr(L.full, n).grad[experts.start:experts.stop], n)
+            for n in ("w1", "w2")])
+    cases.raise_any()
 
 
 CHECKS = {
