@@ -19,9 +19,11 @@ Under expert parallelism (capacity.scope=global, the default) T is the batch of 
 the ranks' tokens concatenated in rank order (parallel/comm.py `Peers`), so what is dropped does not depend on
 the layout: ep ranks drop exactly the (token, slot) pairs one process drops on that batch, and an expert receives
 at most C rows. Each rank decides for its own rows, without moving tokens, from an all-gather of every rank's
-expert ids (T*k int64 per rank) and, for bpr / probability, the scores (T*k fp32 per rank): a few hundred KiB
-at T = 8k, k = 2, ep = 8, against the tokens' own all-to-all of T*k*d*2 bytes (64 MiB at d = 2048), plus a sort
-of the group's T*k assignments on every rank. capacity.scope=source is GShard's per-source capacity: C from
+expert ids (T*k int64 per rank) and, for bpr / probability, the scores (T*k fp32 per rank); Fill-in
+Rectification adds each token's candidate and score (T int64 + T fp32). At T = 8k tokens per rank, k = 2,
+ep = 8 a rank receives 1 MiB of ids and 0.5 MiB of scores, against the tokens' own all-to-all of T*k*d*2 bytes
+(64 MiB at d = 2048 in bf16); and every rank sorts the group's ep*T*k assignments (131k keys there).
+capacity.scope=source is GShard's per-source capacity: C from
 each rank's own tokens, decided there with no communication; an expert then receives at most ep * C rows, and
 which assignments are dropped depends on how the tokens are split over ranks (layout-dependent).
 """
