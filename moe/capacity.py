@@ -23,9 +23,9 @@ expert ids (T*k int64 per rank) and, for bpr / probability, the scores (T*k fp32
 Rectification adds each token's candidate and score (T int64 + T fp32). At T = 8k tokens per rank, k = 2,
 ep = 8 a rank receives 1 MiB of ids and 0.5 MiB of scores, against the tokens' own all-to-all of T*k*d*2 bytes
 (64 MiB at d = 2048 in bf16); and every rank sorts the group's ep*T*k assignments (131k keys there).
-capacity.scope=source is GShard's per-source capacity: C from
-each rank's own tokens, decided there with no communication; an expert then receives at most ep * C rows, and
-which assignments are dropped depends on how the tokens are split over ranks (layout-dependent).
+capacity.scope=source is GShard's per-source capacity: C from each rank's own tokens, decided there with no
+communication; an expert then receives at most ep * C rows, and which assignments are dropped depends on how the
+tokens are split over ranks (layout-dependent).
 """
 from __future__ import annotations
 
