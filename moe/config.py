@@ -47,9 +47,13 @@ class CapacityConfig:
     """The capacity step of the padded backend (Tutel/GShard): which assignments each expert keeps."""
     factor: float = 1.0  # capacity = ceil(factor * k * T / E); 0: dynamic, the largest expert load (dropless)
     min: int = 4  # the capacity is at least this
-    drop_policy: str = "position"  # position | probability
-    rectify_intra: bool = False  # Rectify-Router: dropped assignments go to the best local expert
-    rectify_fill: bool = False  # Rectify-Router: empty slots take the best unassigned tokens
+    drop_policy: str = "position"  # position | bpr | probability (moe/capacity.py)
+    scope: str = "global"  # global: T is the expert-parallel group's batch | source: each rank's own (GShard)
+    rectify_intra: bool = False  # Rectify-Router IR: dropped assignments go to the best expert on their own GPU
+    rectify_intra_capped: bool = False  # IR only into slots the top-k left free (one round), not the paper's
+    rectify_fill: bool = False  # Rectify-Router FR: empty slots take the best unassigned tokens
+
+    POLICIES: ClassVar[tuple[str, ...]] = ("position", "bpr", "probability")
 
     @property
     def rectify(self) -> bool:
@@ -60,8 +64,14 @@ class CapacityConfig:
             raise ConfigError("moe.capacity.factor", f"is {self.factor}; use 0 (dynamic) or > 0")
         if self.min < 1:
             raise ConfigError("moe.capacity.min", f"is {self.min}; use 1 or more")
-        if self.drop_policy not in ("position", "probability"):
-            raise ConfigError("moe.capacity.drop_policy", f"is {self.drop_policy!r}; use position or probability")
+        if self.drop_policy not in self.POLICIES:
+            raise ConfigError("moe.capacity.drop_policy", f"is {self.drop_policy!r}; use one of "
+                              f"{list(self.POLICIES)}")
+        if self.scope not in ("global", "source"):
+            raise ConfigError("moe.capacity.scope", f"is {self.scope!r}; use global or source")
+        if self.rectify_intra_capped and not self.rectify_intra:
+            raise ConfigError("moe.capacity.rectify_intra_capped", "needs moe.capacity.rectify_intra=true (it "
+                              "chooses how IR uses capacity)")
 
 
 @dataclass

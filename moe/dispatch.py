@@ -29,9 +29,14 @@ The backward replays the two exchanges in reverse with the saved splits (no host
 receives nothing still joins every exchange; the experts keep an empty output in the autograd graph of both
 (moe/experts/base.py), so every rank runs the same collectives in backward too.
 
+Assignments marked `routing.intra` (Intra-GPU Rectification, moe/rectify.py: always to an expert of this
+rank) are not sent: they join the received rows before step 5, so the experts compute them in the same call and
+their outputs stay here (the split sizes carry their count, in the same host sync). The local dispatcher treats
+them like any other assignment.
+
 The load-balance and z losses are the router's, on the source rank, before dispatch: expert parallelism does
-not change them. Capacity under expert parallelism: the source rank's C (moe/capacity.py), so an expert
-receives at most ep * C rows.
+not change them. Capacity under expert parallelism (moe/capacity.py): decided on the source rank over the
+group's batch, so `capacity`, the bound on the rows an expert receives, means the same in every layout.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ from moe.experts.base import ExpertRows
 from moe.kernels import rows as R
 from moe.kernels.sort import Sorted, sort_by_expert
 from moe.routing import Routing
-from parallel.comm import all_to_all, exchange_counts
+from parallel.comm import Peers, all_to_all, exchange_counts
 from parallel.state import ParallelState
 
 
@@ -55,6 +60,7 @@ class Handle(NamedTuple):
     kept: torch.Tensor | None  # [T, k] bool, None: all kept
     splits: tuple[list[int], list[int]] | None = None  # all-to-all only: rows sent to / received from each rank
     regroup: torch.Tensor | None = None  # all-to-all only: received row at each grouped position
+    num_intra: int = 0  # all-to-all only: assignments computed here (routing.intra), after the received rows
 
 
 DEBUG = os.environ.get("MOETRON_DEBUG") == "1"  # check values on the GPU too (a host sync per layer)
@@ -75,12 +81,16 @@ def check_routing(x: torch.Tensor, routing: Routing) -> None:
             raise ValueError(f"routing: expert ids in [{low}, {high}], outside [0, {routing.num_experts}) experts")
 
 
-def _sort(routing: Routing) -> Sorted:
-    """The assignments sorted by expert; ones not kept sorted into bin E, after the last expert."""
+def _sort(routing: Routing, intra_bin: bool = False) -> Sorted:
+    """The assignments sorted by expert; ones not kept sorted into the last bin, after the experts. intra_bin:
+    kept assignments marked `intra` into bin E (not sent) and the ones not kept into bin E + 1."""
     E = routing.num_experts
     if routing.kept is None:
         return sort_by_expert(routing.expert_ids, E)
-    return sort_by_expert(torch.where(routing.kept, routing.expert_ids, E), E + 1)
+    if not intra_bin or routing.intra is None:
+        return sort_by_expert(torch.where(routing.kept, routing.expert_ids, E), E + 1)
+    sent = routing.kept & ~routing.intra
+    return sort_by_expert(torch.where(sent, routing.expert_ids, torch.where(routing.kept, E, E + 1)), E + 2)
 
 
 def _local_experts(srt: Sorted, num_experts: int) -> Sorted:
@@ -122,6 +132,7 @@ class GatedCombine(torch.autograd.Function):
 
 class LocalDispatcher:
     """Every expert on this rank: the experts read the tokens through the sort, nothing moves."""
+    peers = Peers()  # the capacity step's group: this process alone
 
     def local_experts(self, num_experts: int) -> range:
         return range(num_experts)
@@ -144,6 +155,7 @@ class AllToAllDispatcher:
 
     def __init__(self, group, rank: int, size: int):
         self.group, self.rank, self.size = group, rank, size
+        self.peers = Peers(group, rank, size)
 
     def local_experts(self, num_experts: int) -> range:
         if num_experts % self.size:
@@ -154,27 +166,34 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, routing: Routing, capacity: int | None = None) -> tuple[ExpertRows, Handle]:
         P, E, k = self.size, routing.num_experts, routing.top_k
         n = E // P  # local experts
-        srt = _sort(routing)
+        srt = _sort(routing, intra_bin=True)
         send_counts = srt.counts[:E]  # [E] rows for each expert, destination rank e // n
         recv_counts = exchange_counts(send_counts, self.group)  # [P * n]: from source s for local expert e at s*n+e
-        splits = torch.cat([send_counts.view(P, n).sum(1), recv_counts.view(P, n).sum(1)]).tolist()  # host sync
-        send, recv = splits[:P], splits[P:]
-        M = sum(recv)
-        tokens = srt.order[:sum(send)] // k  # kept assignments only: the others sorted after every expert
-        x_recv = all_to_all(x[tokens], recv, send, self.group)  # [M, d]
+        num_intra = srt.counts[E:E + 1] if srt.counts.numel() > E + 1 else srt.counts.new_zeros(1)
+        splits = torch.cat([send_counts.view(P, n).sum(1), recv_counts.view(P, n).sum(1), num_intra]).tolist()
+        send, recv, L = splits[:P], splits[P:2 * P], splits[2 * P]  # the host sync
+        S, M = sum(send), sum(recv)
+        tokens = srt.order[:S + L] // k  # sent, then computed here; the others sorted after every expert
+        x_recv = all_to_all(x[tokens[:S]], recv, send, self.group)  # [M, d]
         local_ids = torch.repeat_interleave(torch.arange(n, device=x.device).repeat(P), recv_counts,
                                             output_size=M)  # [M] local expert of each received row
+        if L:  # Intra-GPU Rectification: this rank's tokens for its own experts, beside the received rows
+            intra_ids = routing.expert_ids.reshape(-1)[srt.order[S:S + L]] - self.rank * n
+            x_recv, local_ids = torch.cat([x_recv, x[tokens[S:]]]), torch.cat([local_ids, intra_ids])
         regroup = sort_by_expert(local_ids, n)
-        rows = ExpertRows(x_recv, regroup, 1, P * capacity if capacity is not None else None)
-        return rows, Handle(srt, routing.weights, None, (send, recv), regroup.order)
+        rows = ExpertRows(x_recv, regroup, 1, capacity)
+        return rows, Handle(srt, routing.weights, None, (send, recv), regroup.order, L)
 
     def combine(self, y: torch.Tensor, handle: Handle) -> torch.Tensor:
         """y [M, d], the received rows' outputs grouped by local expert -> [T, d]."""
         send, recv = handle.splits
+        M, L = sum(recv), handle.num_intra
         y_recv = torch.index_copy(torch.zeros_like(y), 0, handle.regroup, y)  # back in received order
-        y_sorted = all_to_all(y_recv, send, recv, self.group)  # [kept, d] in this rank's sorted order
+        y_sorted = all_to_all(y_recv[:M], send, recv, self.group)  # [sent, d] in this rank's sorted order
+        if L:  # the rows computed here follow the sent ones in the sort
+            y_sorted = torch.cat([y_sorted, y_recv[M:]])
         T, k = handle.weights.shape
-        y_slots = torch.index_copy(y_sorted.new_zeros(T * k, y.shape[1]), 0, handle.sort.order[:sum(send)],
+        y_slots = torch.index_copy(y_sorted.new_zeros(T * k, y.shape[1]), 0, handle.sort.order[:sum(send) + L],
                                    y_sorted)  # slot order t*k+j; slots not kept stay zero
         return _weighted_sum(y_slots, handle)
 

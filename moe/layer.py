@@ -62,6 +62,7 @@ def run_experts(dispatcher, experts: nn.Module, x_TD: torch.Tensor, routing: Rou
     check_routing(x_TD, routing)
     C, num_dropped = None, routing.counts.new_zeros(())
     if capacity is not None:
-        routing, C, num_dropped = apply_capacity(routing, capacity, renormalize)
+        routing, C, num_dropped = apply_capacity(routing, capacity, renormalize, dispatcher.peers,
+                                                 dispatcher.local_experts(routing.num_experts))
     rows, handle = dispatcher.dispatch(x_TD, routing, C)
     return dispatcher.combine(experts(rows), handle), num_dropped

@@ -1,19 +1,33 @@
-"""Rectify-Router (Zeng et al. 2024) for the capacity step: use the capacity that top-k leaves empty.
+"""Rectify-Router (Zeng et al. 2024) for the capacity step: a second chance for dropped assignments (IR) and
+the padding slots put to use (FR).
 
-Both passes work on the [E, C] slot table after the top-k drop (moe/capacity.py), keep the capacity C (so the
-cost of the padded batched matmul is unchanged), and run on the device without host syncs. Scores are the
-router logits. The result is up to two more assignments per token, which the dispatcher sends like the others.
+Both passes run in the capacity step (moe/capacity.py), before dispatch, on the device without host syncs, over
+the batch of the expert-parallel group (parallel/comm.py `Peers`; one process: a group of one). Scores are the
+router logits. The result is up to two more assignments per token, slot k (IR) and slot k + 1 (FR).
 
-Intra rectification (IR), for dropped assignments. The paper sends a dropped token to the best expert on its
-own GPU, without capacity limit. With a single expert-parallel rank every expert is local, so the equivalent
-chosen here keeps the fixed cost instead: a token that lost m >= 1 of its k assignments proposes ONE expert h,
-its highest-scoring expert outside its top-k that still has free slots after the top-k dispatch; each expert
-accepts proposals up to its free slots, in the drop policy's order (position: token order; probability:
-higher score first), in one round (a rejected token stays dropped). h is weighted m times (A4 of the note).
+Intra-GPU Rectification (IR), for dropped assignments. A token that lost m >= 1 of its k assignments to
+capacity goes to ONE expert h: its highest-scoring expert among the experts on its own GPU (this rank's; in one
+process all E), outside its top-k, weighted m times (eq. A4 of the note). Outside the top-k because the
+experts of the top-k either process the token already or have just refused it for capacity (re-admitting that
+one would undo the capacity: in one process IR would then be no capacity at all). The IR assignment is computed
+on the token's own rank, in the same layer, beside the rows the all-to-all brought (moe/dispatch.py): no extra
+exchange. Capacity does not apply to it: the seed paper defines IR for every dropped token, "routes the dropped
+tokens to the experts within the GPU where they are located, eliminating the need for inter-GPU communication"
+(seed 003, §2.4), and expects it to matter most "with a lower capacity factor, as it deals with a larger number
+of dropped tokens" (§2.7); no capacity for the IR pass is stated (docs/algorithms.md §3.2). So an expert's rows
+are no longer bounded by C, and the padded backend sizes its buffer dynamically (one host sync).
+Where the best expert outside the top-k is on another GPU, ep > 1 picks the best local one instead: the
+documented difference from one process (the same result wherever the local experts include it).
+
+capacity.rectify_intra_capped: the fixed-cost variant instead: the token proposes its best local expert outside
+its top-k that still has free slots after the top-k, and each expert accepts proposals up to its free slots in
+one round, in the drop policy's order (position: token order; bpr / probability: higher score first); a rejected
+token stays dropped. C stays a bound. Under ep > 1 only this rank's tokens compete for this rank's experts.
 
 Fill-in rectification (FR), for padding, after IR: each token's candidate is its (k+1)-th highest-scoring
-expert; each expert's still-empty slots take its candidates with the highest scores (ties: token order).
-A candidate already placed there by IR is skipped. With k = E there is no candidate and FR does nothing.
+expert; each expert's still-empty slots take its candidates with the highest scores over the whole group
+(ties: token order), so the result does not depend on the layout. A candidate already placed there by IR is
+skipped. With k = E there is no candidate and FR does nothing. FR assignments are dispatched like the top-k.
 
 Weights: the processed experts of a token (kept top-k, IR expert with multiplicity m, FR expert) are weighted
 by their router probabilities; with moe.router.renormalize they are normalised over the processed experts, which is
@@ -26,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from moe.positions import count_per_expert, positions_in_expert, rank_of
+from parallel.comm import Peers
 
 
 class Rectified(NamedTuple):
@@ -33,27 +48,21 @@ class Rectified(NamedTuple):
     weight: torch.Tensor  # [T, 2] fp32 multiplicity: m for IR (lost assignments rescued), 1 for FR, 0 unused
 
 
-def _place(logits_masked: torch.Tensor, want: torch.Tensor, priority: torch.Tensor | None,
-           fill: torch.Tensor, C: int):
-    """Each wanting token proposes its best unmasked expert; experts accept up to their free slots.
-
-    Returns (expert [T], placed [T] bool, new fill [E]). priority None: by score, highest first.
-    """
+def _place(expert: torch.Tensor, score: torch.Tensor, want: torch.Tensor, priority: torch.Tensor | None,
+           fill: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each wanting token proposes `expert`; experts accept up to their free slots C - fill, in `priority`
+    order (None: by score, highest first, ties in token order). -> (placed [N] bool, slots used [E])."""
     E = fill.numel()
-    score, expert = logits_masked.max(1)  # [T]
-    want = want & torch.isfinite(score)
     bins = torch.where(want, expert, E)  # non-proposals go to an extra bin
-    prio = rank_of(score) if priority is None else priority
-    pos = positions_in_expert(bins, prio, E + 1)  # [T]
-    free = C - fill  # [E]
-    placed = want & (pos < free[expert])
-    used = count_per_expert(torch.where(placed, expert, E), E + 1)[:E]
-    return expert, placed, fill + used
+    pos = positions_in_expert(bins, rank_of(score) if priority is None else priority, E + 1)  # [N]
+    placed = want & (pos < (C - fill)[expert])
+    return placed, count_per_expert(torch.where(placed, expert, E), E + 1)[:E]
 
 
 def rectify(logits: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor, C: int,
-            policy: str, intra: bool, fill_in: bool) -> Rectified:
-    """logits [T, E] fp32, expert_ids / keep [T, k], fill [E] slots used per expert (<= C), C capacity."""
+            policy: str, local: torch.Tensor, peers: Peers, intra: bool, capped: bool, fill_in: bool) -> Rectified:
+    """This rank's tokens: logits [T, E] fp32, expert_ids / keep [T, k]. The group's: fill [E] slots the top-k
+    used per expert (<= C), C capacity. local [E] bool: the experts on this rank."""
     T = logits.shape[0]
     chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, expert_ids, True)  # [T, E] top-k
     outside = logits.detach().masked_fill(chosen, float("-inf"))  # [T, E] scores outside the top-k
@@ -62,14 +71,20 @@ def rectify(logits: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor, 
     ir_placed = torch.zeros(T, dtype=torch.bool, device=logits.device)
     if intra:
         lost = (~keep).sum(1)  # [T] dropped assignments
-        priority = torch.arange(T, device=logits.device) if policy == "position" else None
-        ir_expert, ir_placed, fill = _place(outside.masked_fill((fill >= C)[None], float("-inf")), lost > 0,
-                                            priority, fill, C)
+        candidates = outside.masked_fill(~local[None], float("-inf"))
+        if capped:
+            candidates = candidates.masked_fill((fill >= C)[None], float("-inf"))
+        score, ir_expert = candidates.max(1)
+        ir_placed = (lost > 0) & torch.isfinite(score)
+        if capped:
+            order = torch.arange(T, device=logits.device) if policy == "position" else None
+            ir_placed, used = _place(ir_expert, score, ir_placed, order, fill, C)
+            fill = fill + peers.sum(used)  # each rank's IR uses only its own experts' slots
         ir_weight = (lost * ir_placed).float()
     if fill_in:
-        c = outside.argmax(1)  # [T] the (k+1)-th choice
-        candidate = torch.full_like(outside, float("-inf")).scatter_(1, c[:, None], outside.gather(1, c[:, None]))
-        candidate = candidate.masked_fill((fill >= C)[None], float("-inf"))  # [T, E] one finite entry at most
-        fr_expert, placed, fill = _place(candidate, ~(ir_placed & (ir_expert == c)), None, fill, C)
-        fr_weight = placed.float()
+        score, c = outside.max(1)  # [T] the (k+1)-th choice
+        want = ~(ir_placed & (ir_expert == c)) & torch.isfinite(score)
+        placed, _ = _place(peers.gather(c), peers.gather(score), peers.gather(want.to(torch.uint8)).bool(), None,
+                           fill, C)
+        fr_expert, fr_weight = c, peers.own(placed).float()
     return Rectified(torch.stack([ir_expert, fr_expert], 1), torch.stack([ir_weight, fr_weight], 1))

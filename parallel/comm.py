@@ -5,6 +5,8 @@ the tensor-parallel copy/reduce pairs are megatron-core's (`tensor_parallel.mapp
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -26,6 +28,41 @@ def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty_like(counts)
     dist.all_to_all_single(out, counts, group=group)
     return out
+
+
+class Peers(NamedTuple):
+    """The ranks whose tokens form one batch for a decision that needs all of them: the capacity step under
+    expert parallelism (moe/capacity.py). Their batch is the ranks' tokens concatenated in rank order; every rank
+    holds the same number of tokens (one micro-batch shape), checked where it costs no host sync (CPU).
+    Size 1 (the default, one process): every method is the identity and nothing is communicated."""
+    group: object = None
+    rank: int = 0
+    size: int = 1
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[size * N, ...] every rank's t [N, ...], in rank order (not differentiable)."""
+        if self.size == 1:
+            return t
+        if not t.is_cuda:
+            n = torch.tensor([t.shape[0]])
+            sizes = [torch.empty_like(n) for _ in range(self.size)]
+            dist.all_gather(sizes, n, group=self.group)
+            if len(set(int(s) for s in sizes)) > 1:
+                raise ValueError(f"the capacity step over the expert-parallel group needs the same token count on "
+                                 f"every rank, got {[int(s) for s in sizes]}; use equal micro-batches or "
+                                 "moe.capacity.scope=source")
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a gathered [size * N, ...] tensor."""
+        n = t.shape[0] // self.size
+        return t[self.rank * n:(self.rank + 1) * n]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over the peers."""
+        return all_reduce_sum(t, self.group) if self.size > 1 else t
 
 
 def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -144,17 +144,37 @@ IDS = [[0, 1], [1, 0], [2, 0]]
 PROBS = [[0.5, 0.3, 0.2], [0.35, 0.45, 0.2], [0.4, 0.1, 0.5]]
 
 
-@pytest.mark.parametrize("policy,keep", [
-    ("position", [[1, 1], [1, 1], [1, 0]]),  # first choices first, then token order: (t2, slot 1) dropped
-    ("probability", [[1, 1], [1, 0], [1, 1]]),  # p .5 and .4 kept: (t1, slot 1) dropped
+# The same ids; t1's second choice (e0, p .45) beats t2's (e0, p .3), but t2's top probability (.6) beats t1's (.5).
+PROBS_BPR = [[0.5, 0.3, 0.2], [0.45, 0.5, 0.05], [0.3, 0.1, 0.6]]
+
+
+@pytest.mark.parametrize("policy,probs,keep", [
+    ("position", PROBS, [[1, 1], [1, 1], [1, 0]]),  # first choices first, then token order: (t2, slot 1) dropped
+    ("probability", PROBS, [[1, 1], [1, 0], [1, 1]]),  # second choices p .35 < .4: (t1, slot 1) dropped
+    ("bpr", PROBS, [[1, 1], [1, 0], [1, 1]]),  # second choices by top p: .45 < .5: (t1, slot 1) dropped
+    ("position", PROBS_BPR, [[1, 1], [1, 1], [1, 0]]),
+    ("probability", PROBS_BPR, [[1, 1], [1, 1], [1, 0]]),  # .3 < .45: (t2, slot 1) dropped
+    ("bpr", PROBS_BPR, [[1, 1], [1, 0], [1, 1]]),  # V-MoE: top p .5 < .6: (t1, slot 1) dropped
 ])
-def test_drop_accounting_hand_worked(policy, keep):
+def test_drop_accounting_hand_worked(policy, probs, keep):
     cfg, e = padded(3, factor=1.0, drop_policy=policy)
-    routing = hand_routing(IDS, PROBS)
+    routing = hand_routing(IDS, probs)
     x = torch.randn(3, D, dtype=torch.float64)
     y, num_dropped = padded_forward(cfg, e, x, routing)
     assert num_dropped.item() == 1
     torch.testing.assert_close(y, expected(e, x, routing, keep))
+
+
+@pytest.mark.parametrize("policy", ["position", "bpr", "probability"])
+def test_a_first_choice_is_never_dropped_for_another_tokens_second(policy):
+    # T=2, E=4, k=2, cf=.5: C = 1. e0 gets t0's first choice (p .3) and t1's second (p .4, top .45): every policy
+    # keeps the first choice (V-MoE's BPR and GShard alike), so (t1, slot 1) is the one dropped
+    cfg, e = padded(4, factor=0.5, drop_policy=policy)
+    routing = hand_routing([[0, 1], [2, 0]], [[0.3, 0.25, 0.25, 0.2], [0.4, 0.05, 0.45, 0.1]])
+    x = torch.randn(2, D, dtype=torch.float64)
+    y, num_dropped = padded_forward(cfg, e, x, routing)
+    assert num_dropped.item() == 1
+    torch.testing.assert_close(y, expected(e, x, routing, [[1, 1], [1, 0]]))
 
 
 def test_first_choices_before_second_choices_k1_and_all_dropped_token():
@@ -166,9 +186,10 @@ def test_first_choices_before_second_choices_k1_and_all_dropped_token():
     assert num_dropped.item() == 1 and torch.all(y[2] == 0) and y[0].abs().sum() > 0
     y.sum().backward()
     assert torch.all(x.grad[2] == 0)
-    cfg.drop_policy = "probability"  # t0 (p .6) is now the lowest
-    y, _ = padded_forward(cfg, e, x, routing)
-    assert torch.all(y[0] == 0) and y[2].abs().sum() > 0
+    for policy in ("probability", "bpr"):  # t0 (p .6) is now the lowest
+        cfg.drop_policy = policy
+        y, _ = padded_forward(cfg, e, x, routing)
+        assert torch.all(y[0] == 0) and y[2].abs().sum() > 0
 
 
 def test_layer_reports_dropped_fraction():

@@ -184,6 +184,181 @@ def check_zero_tokens(ep: int) -> None:
             _close(p.grad, getattr(full, name).grad[r * 2:(r + 1) * 2], f"{case}: gradient of {name}")
 
 
+def _routing(logits: torch.Tensor, k: int):
+    probs = logits.softmax(-1)
+    w, ids = probs.topk(k, -1)
+    return make_routing(ids, w, logits.shape[1], probs, logits)
+
+
+class _Layouts:
+    """The capacity step and padded experts run two ways on one global batch (the ep ranks' tokens in rank
+    order): one process on all of it, and this rank of the expert group on its share."""
+
+    def __init__(self, ep: int, E: int, T: int, d: int = 6, f: int = 8):
+        from moe.dispatch import AllToAllDispatcher
+        from moe.experts import backend_class
+        from parallel.state import build_state
+
+        self.ps = build_state(1, ep, torch.device("cpu"))
+        self.E, self.T = E, T
+        self.disp = AllToAllDispatcher(self.ps.ep_group, self.ps.ep_rank, ep)
+        self.own = slice(self.ps.ep_rank * T, (self.ps.ep_rank + 1) * T)
+        torch.manual_seed(3)
+        self.full = backend_class("padded")(E, d, f, "gelu", 0.5, 0.5).double()
+        torch.manual_seed(3)
+        self.local = backend_class("padded")(E, d, f, "gelu", 0.5, 0.5, self.disp.local_experts(E)).double()
+        self.x = torch.randn(ep * T, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def run(self, logits: torch.Tensor, k: int, cfg: CapacityConfig):
+        """-> (one process: Capped, y) on the global batch, (this rank: Capped, y, dropped) on its share."""
+        from moe.capacity import apply_capacity
+        from moe.dispatch import LocalDispatcher
+        from moe.layer import run_experts
+
+        one = apply_capacity(_routing(logits, k), cfg, False)
+        y_one, _ = run_experts(LocalDispatcher(), self.full, self.x, _routing(logits, k), cfg)
+        mine = apply_capacity(_routing(logits[self.own], k), cfg, False, self.disp.peers,
+                              self.disp.local_experts(self.E))
+        y, dropped = run_experts(self.disp, self.local, self.x[self.own], _routing(logits[self.own], k), cfg)
+        return (one, y_one), (mine, y, dropped)
+
+    def dropped_frac(self, dropped: torch.Tensor, k: int) -> float:
+        """The metric the layer reports, summed over the data-parallel group (moe/stats.py)."""
+        from moe.stats import MoEStats
+
+        stats = MoEStats(1, self.E, self.ps.dp_group)
+        counts = torch.full((self.E,), self.T * k // self.E, dtype=torch.int64)
+        counts[0] += self.T * k - int(counts.sum())
+        zero = torch.zeros(())
+        stats.record_layer(0, counts, zero, zero, dropped)
+        return stats.reduce_and_reset()["moe/0/dropped_frac"]
+
+
+class _Cases(list):
+    """Failures of a check that loops over collectives, raised at the end: a rank that fails one case must still
+    join the collectives of the next ones (leaving early would leave the other ranks waiting)."""
+
+    def __call__(self, what: str, *asserts) -> None:
+        for a in asserts:
+            try:
+                a()
+            except AssertionError as e:
+                self.append(f"{what}: {e}")
+                return
+
+    def raise_any(self) -> None:
+        if self:
+            raise AssertionError("\n".join(self))
+
+
+def _true(cond, msg: str):
+    def a():
+        assert cond, msg
+    return a
+
+
+def check_capacity_layouts(ep: int) -> None:
+    """Item 1 of issue 19: under ep the capacity step drops exactly the (token, slot) pairs one process drops on
+    the group's batch, for every factor, k and policy, and Fill-in Rectification fills the same slots; the
+    outputs and the reported dropped fraction agree."""
+    L, cases = _Layouts(ep, E=4, T=6), _Cases()
+    logits = 2 * torch.randn(ep * L.T, L.E, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for cf in (0.5, 1.0, 1.25):
+        for k in (1, 2):
+            for policy, fill in [(p, False) for p in CapacityConfig.POLICIES] + [("position", True)]:
+                what = f"cf={cf} k={k} {policy}" + " FR" * fill  # FR: vacancies filled over the whole group
+                cfg = CapacityConfig(factor=cf, min=1, drop_policy=policy, rectify_fill=fill)
+                (one, y_one), (mine, y, dropped) = L.run(logits, k, cfg)
+                frac = L.dropped_frac(dropped, k)
+                cases(what, _true(torch.equal(mine.routing.kept, one.routing.kept[L.own]), "kept pairs differ"),
+                      _true(mine.capacity == one.capacity, f"capacity {mine.capacity} != {one.capacity}"),
+                      lambda y=y, y_one=y_one: _close(y, y_one[L.own], "output"),
+                      _true(frac == pytest.approx(one.num_dropped.item() / (ep * L.T * k)), "dropped fraction"),
+                      _true(0 < one.num_dropped or cf > 1, "the case drops nothing"))
+    cases.raise_any()
+
+
+def check_priority_across_ranks() -> None:
+    """Item 2: hand-built, ep = 2, E = 2 (expert e on rank e), k = 2, cf = .5: C = ceil(.5*2*4/2) = 2.
+    Rank 0's tokens choose (e1, e0), rank 1's (e0, e1): each expert gets two first choices from one rank and two
+    second choices from the other, and keeps the first choices whatever their rank. GShard's per-source
+    capacity (scope=source) decides per rank instead."""
+    L = _Layouts(2, E=2, T=2)
+    logits = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    want = torch.tensor([[True, False]] * 4)
+    for policy in CapacityConfig.POLICIES:
+        (one, _), (mine, _, dropped) = L.run(logits, 2, CapacityConfig(factor=0.5, min=1, drop_policy=policy))
+        assert torch.equal(one.routing.kept, want), f"{policy}: one process"
+        assert torch.equal(mine.routing.kept, want[L.own]), f"{policy}: ep = 2"
+        assert dropped.item() == 2
+    _, (mine, _, _) = L.run(logits, 2, CapacityConfig(factor=0.5, min=1, scope="source"))
+    # per rank: C = ceil(.5*2*2/2) = 1, each expert keeps its first row from each rank: t0's first and second
+    # choices, so a second choice is kept while another token's first choice is dropped
+    assert torch.equal(mine.routing.kept, torch.tensor([[True, True], [False, False]])), "scope=source"
+    assert mine.capacity == 2  # ep * C: the bound on an expert's rows
+
+
+def check_rectify_layouts() -> None:
+    """Item 4, ep = 2, E = 8 (experts 0-3 on rank 0, 4-7 on rank 1), T = 6 per rank. 'Local': every token
+    prefers its own rank's experts, so the best expert outside its top-k is on its own GPU and ep = 2 must give
+    the one-process result, for IR (the paper's and the capped one), FR and IR + FR. 'Remote': rank 0's tokens
+    rank e4 second: one process sends their dropped assignments to e4, ep = 2 to e1, the best on their GPU."""
+    from moe.dispatch import LocalDispatcher
+    from moe.layer import run_experts
+
+    L, cases = _Layouts(2, E=8, T=6), _Cases()
+    noise = 0.1 * torch.randn(12, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    base = torch.tensor([4.0, 3.0, 2.0, 1.0, -4.0, -4.0, -4.0, -4.0], dtype=torch.float64)
+    local = noise + torch.cat([base.expand(6, 8), base.roll(4).expand(6, 8)])
+    for name, kw in (("IR", dict(rectify_intra=True)), ("IR capped", dict(rectify_intra=True,
+                     rectify_intra_capped=True)), ("FR", dict(rectify_fill=True)),
+                     ("IR+FR", dict(rectify_intra=True, rectify_fill=True))):
+        for cf in (0.5, 1.0, 1.25):
+            for k in (1, 2):
+                what = f"{name} cf={cf} k={k}"
+                cfg = CapacityConfig(factor=cf, min=1, drop_policy="bpr", **kw)
+                (one, y_one), (mine, y, dropped) = L.run(local, k, cfg)
+                frac = L.dropped_frac(dropped, k)
+                kept = one.routing.kept[L.own]  # the ids of unused slots are arbitrary
+                same = [_true(torch.equal(torch.where(kept, getattr(mine.routing, f), 0),
+                                          torch.where(kept, getattr(one.routing, f)[L.own], 0)), f)
+                        for f in ("expert_ids", "kept", "weights")]
+                cases(what, *same, lambda y=y, y_one=y_one: _close(y, y_one[L.own], "output"),
+                      _true(frac == pytest.approx(one.num_dropped.item() / (12 * k)), "dropped fraction"),
+                      _true(name != "IR" or cf != 0.5 or one.num_dropped == 0, "the paper's IR rescues every "
+                            "dropped assignment"))
+    remote = local.clone()
+    remote[:6, 4] = 3.5  # rank 0's tokens: e0 > e4 > e1 > ...
+    cfg = CapacityConfig(factor=0.5, min=1, rectify_intra=True)
+    (one, y_one), (mine, y, _) = L.run(remote, 1, cfg)
+    rescued = mine.routing.kept[:, 1]
+    if L.ps.ep_rank == 0:  # C = ceil(.5*12/8) = 1: e0 keeps one of rank 0's six tokens
+        cases("remote", _true(rescued.sum() == 5 and torch.equal(one.routing.kept[:6, 1], rescued),
+                              "one dropped, five rescued"),
+              _true((mine.routing.expert_ids[rescued, 1] == 1).all(), "ep = 2: the best expert on the token's GPU"),
+              _true((one.routing.expert_ids[:6][rescued, 1] == 4).all(), "one process: the best of all experts"))
+    else:
+        cases("remote", _true(torch.equal(mine.routing.kept, one.routing.kept[L.own]), "rank 1 as one process"),
+              lambda: _close(y, y_one[L.own].detach(), "rank 1 output"))
+    # the output is the experts of the routing ep = 2 decided, computed in one process
+    cases("remote", lambda: _close(y, run_experts(LocalDispatcher(), L.full, L.x[L.own], mine.routing)[0].detach(),
+                                   "output"))
+    # backward through the rows computed here (IR) and the ones sent (top-k, FR): input, router and expert
+    # gradients equal one process's
+    cfg = CapacityConfig(factor=0.5, min=1, rectify_intra=True, rectify_fill=True)
+    c = torch.randn(12, L.x.shape[1], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x, lg = L.x.clone().requires_grad_(), local.clone().requires_grad_()
+    (run_experts(LocalDispatcher(), L.full, x, _routing(lg, 1), cfg)[0] * c).sum().backward()
+    xm, lm = L.x[L.own].clone().requires_grad_(), local[L.own].clone().requires_grad_()
+    (run_experts(L.disp, L.local, xm, _routing(lm, 1), cfg)[0] * c[L.own]).sum().backward()
+    experts = L.disp.local_experts(8)
+    cases("gradients", lambda: _close(xm.grad, x.grad[L.own], "input"),
+          lambda: _close(lm.grad, lg.grad[L.own], "logits"),
+          *[lambda n=n: _close(getattr(L.local, n).grad, getattr(L.full, n).grad[experts.start:experts.stop], n)
+            for n in ("w1", "w2")])
+    cases.raise_any()
+
+
 CHECKS = {
     "tp2": lambda: check_parity(2, 1),
     "tp2_swiglu_rope_untied": lambda: check_parity(2, 1, activation="swiglu", position="rope", tie_embeddings=False),
@@ -196,6 +371,10 @@ CHECKS = {
     "tp2_ep2": lambda: check_parity(2, 2),
     "dp2_ep2": lambda: check_parity(1, 2),
     "zero_tokens_ep4": lambda: check_zero_tokens(4),
+    "capacity_layouts_ep2": lambda: check_capacity_layouts(2),
+    "capacity_layouts_ep4": lambda: check_capacity_layouts(4),
+    "priority_across_ranks_ep2": check_priority_across_ranks,
+    "rectify_layouts_ep2": check_rectify_layouts,
 }
 
 
@@ -232,7 +411,9 @@ def _spawn(world: int, names: list[str]) -> dict[str, str]:
     return {n: "\n".join(f"rank {r}: {res[n]}" for r, res in enumerate(per_rank) if res[n]) for n in names}
 
 
-TWO = ["tp2", "tp2_swiglu_rope_untied", "ep2", "ep2_padded", "dp2", "dispatch_identity_ep2", "zero_tokens_ep2"]
+TWO = ["tp2", "tp2_swiglu_rope_untied", "ep2", "ep2_padded", "dp2", "dispatch_identity_ep2", "zero_tokens_ep2",
+       "capacity_layouts_ep2", "priority_across_ranks_ep2", "rectify_layouts_ep2"]
+FOUR = ["tp2_ep2", "dp2_ep2", "zero_tokens_ep4", "capacity_layouts_ep4"]
 TWO += ["ep2_scatter"] if INTERPRETED else []  # Triton kernels on CPU tensors: the interpreter's
 
 
@@ -243,7 +424,7 @@ def two():
 
 @pytest.fixture(scope="module")
 def four():
-    return _spawn(4, ["tp2_ep2", "dp2_ep2", "zero_tokens_ep4"])
+    return _spawn(4, FOUR)
 
 
 @pytest.mark.parametrize("name", TWO)
@@ -251,7 +432,7 @@ def test_two_ranks(two, name):
     assert not two[name], two[name]
 
 
-@pytest.mark.parametrize("name", ["tp2_ep2", "dp2_ep2", "zero_tokens_ep4"])
+@pytest.mark.parametrize("name", FOUR)
 def test_four_ranks(four, name):
     assert not four[name], four[name]
 

@@ -142,6 +142,10 @@ def test_metrics_accumulate_over_calls_and_skip_eval():
     ({"router": RouterConfig(type="sparsemixer")}, "moe.router.jitter_eps"),
     ({"router": RouterConfig(type="sparsemixer", jitter_eps=0.1, renormalize=True)}, "moe.router.renormalize"),
     ({"capacity": CapacityConfig(rectify_fill=True)}, "moe.capacity.rectify_intra"),
+    ({"backend": "padded", "capacity": CapacityConfig(drop_policy="random")}, "moe.capacity.drop_policy"),
+    ({"backend": "padded", "capacity": CapacityConfig(scope="rank")}, "moe.capacity.scope"),
+    ({"backend": "padded", "capacity": CapacityConfig(rectify_intra_capped=True)},
+     "moe.capacity.rectify_intra_capped"),
     ({"backend": "nope"}, "moe.backend"),
 ])
 def test_config_errors_name_the_key(overrides, key):
@@ -163,3 +167,13 @@ def test_stats_is_one_object_per_model():
     read = model.moe_stats.reduce_and_reset()
     assert {f"moe/{i}/tokens_mean" for i in range(3)} <= set(read)
     assert all(read[f"moe/{i}/tokens_mean"] == 16 / 4 for i in range(3))
+
+
+def test_rectify_router_is_accepted_under_expert_parallelism():
+    from train.config import load_config
+
+    cfg = load_config(None, ["model.num_heads=4", "model.hidden_size=32", "moe.num_experts=4", "moe.backend=padded",
+                             "moe.capacity.rectify_intra=true", "moe.capacity.rectify_fill=true",
+                             "moe.capacity.drop_policy=bpr", "parallel.expert=2", "train.micro_batch_size=1",
+                             "train.global_batch_size=2"], world_size=2)
+    assert cfg.moe.capacity.rectify and cfg.parallel.expert == 2

@@ -155,9 +155,6 @@ class Config:
         if not self.model.vocab_size and self.data.vocab_divisible_by % p.tensor:
             raise ConfigError("data.vocab_divisible_by", f"is {self.data.vocab_divisible_by} but must be a multiple "
                               f"of parallel.tensor={p.tensor}, so the padded vocabulary splits evenly")
-        if p.expert > 1 and self.moe.capacity.rectify:
-            raise ConfigError("moe.capacity.rectify_intra", "is not defined under expert parallelism yet (its "
-                              "slot table is one rank's); use parallel.expert=1 or turn Rectify-Router off")
         t.accumulation(world_size // p.tensor)  # batches are split over every rank of one tensor-parallel position
 
     def to_dict(self) -> dict:
