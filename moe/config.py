@@ -21,22 +21,26 @@ class RouterConfig:
     aux_loss_scope: str = "micro_batch"  # micro_batch | global
     z_loss_weight: float = 0.0
     expert_bias_rate: float = 0.0  # >0: aux-loss-free balancing bias (DeepSeek-V3), updated after each step
+    sinkhorn_iters: int = 0  # >0: training picks the top-k on the Sinkhorn-balanced assignment (S-BASE); 0: off
 
     def validate(self, top_k: int) -> None:
         choices = {"type": ("softmax", "sparsemixer"), "aux_loss_scope": ("micro_batch", "global")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"moe.router.{key}", f"is {getattr(self, key)!r}; use one of {list(allowed)}")
-        for key in ("jitter_eps", "aux_loss_weight", "z_loss_weight", "expert_bias_rate"):
+        for key in ("jitter_eps", "aux_loss_weight", "z_loss_weight", "expert_bias_rate", "sinkhorn_iters"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"moe.router.{key}", f"is {getattr(self, key)}; it must be >= 0")
+        if self.sinkhorn_iters and self.expert_bias_rate:
+            raise ConfigError("moe.router.sinkhorn_iters", "and moe.router.expert_bias_rate both pick the experts; "
+                              "use one of them (set the other to 0)")
         if self.type == "sparsemixer":
             if top_k > 2:
                 raise ConfigError("moe.top_k", f"is {top_k} but SparseMixer supports top_k 1 (v1) or 2 (v2)")
             if self.jitter_eps <= 0:
                 raise ConfigError("moe.router.jitter_eps", "must be > 0 with router.type=sparsemixer (it is the "
                                   "mask width; 0 keeps only the top expert and the router learns nothing): use 0.1")
-            for key in ("renormalize", "expert_bias_rate"):
+            for key in ("renormalize", "expert_bias_rate", "sinkhorn_iters"):
                 if getattr(self, key):
                     raise ConfigError(f"moe.router.{key}", "is not supported with moe.router.type=sparsemixer (its "
                                       "multipliers come from the estimator); turn it off or use router.type=softmax")

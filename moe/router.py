@@ -1,4 +1,5 @@
-"""Routers: x [T, d] -> Routing. Computed in fp32 whatever the activation dtype.
+"""Routers: x [T, d] -> Routing. Computed in fp32 whatever the activation dtype, also under autocast (which would
+otherwise run the router's matmul in bf16; Megatron-core's moe_router_dtype=fp32).
 
 Options (moe.router.* keys, moe.top_k):
 - `moe.top_k` any k <= E, `renormalize` (weights of the k choices rescaled to sum to 1);
@@ -15,9 +16,20 @@ Options (moe.router.* keys, moe.top_k):
 - aux-loss-free expert bias (DeepSeek-V3, `expert_bias_rate` > 0): a non-trainable bias [E] added to the
   probabilities only to choose the experts; the weights stay the unbiased probabilities. After each optimizer
   step, bias += rate * sign(mean load - load), the load being the step's counts summed over the group.
+- `sinkhorn_iters` > 0: in training, the k experts of each token are chosen on the Sinkhorn-balanced assignment
+  of the micro-batch (S-BASE, Clark et al. 2022 "Unified Scaling Laws for Routed Language Models", §2.3;
+  Megatron-core's moe_router_load_balancing_type=sinkhorn); the weights stay the softmax probabilities and the
+  losses are unchanged; evaluation takes the plain top-k. Why: at initialisation the router's input is dominated
+  by a direction shared by all tokens (uniform attention averages the values over the prefix, so the shared part
+  grows with depth: rank collapse, Dong et al. 2021) and by frequent tokens; the shared part adds the same
+  per-expert offset W_e . s to every token's logits, so plain top-k sends most tokens of a deep layer to one
+  expert from step 1, whatever the router's init scale (top-k of W x does not depend on the scale of W). The
+  column scaling of Sinkhorn is a per-expert offset: it cancels exactly that, and the frequent tokens' excess.
 - `type=sparsemixer`: v1 (k=1) / v2 (k=2) selection and gradient estimators (moe/sparsemixer.py).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +51,28 @@ def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     T, E = probs.shape
     f = counts.to(probs.dtype) / counts.sum().clamp(min=1).to(probs.dtype)
     return E * torch.sum(f * probs.mean(0)) if T else probs.sum()
+
+
+# the logits' spread over tokens that Sinkhorn balances at (benchmarks/results/2026-12-02-cpu-router-balance.md)
+SINKHORN_SHARPNESS = 3.0
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Log-domain Sinkhorn-Knopp (Cuturi 2013) on exp(logits) [T, E], the logits scaled to a spread over tokens
+    of SINKHORN_SHARPNESS: `iters` rounds of scaling the experts' columns to T/E tokens each and the tokens' rows to
+    1. Returns the balanced log-assignment [T, E] (fixed rounds: no host sync, unlike a tolerance loop)."""
+    T, E = logits.shape
+    log_a = logits.float()
+    # at the logits' own scale (std ~0.3 at init) the soft assignment is near uniform and balanced while its
+    # argmax is not; sharpened, the argmax of the balanced assignment is balanced too. The scale is the tokens'
+    # spread around each expert's mean (an offset shared by all tokens, which Sinkhorn removes, is left out)
+    if T > 1:
+        spread = (log_a - log_a.mean(0, keepdim=True)).std().clamp(min=1e-6)
+        log_a = log_a * (SINKHORN_SHARPNESS / spread)
+    for _ in range(iters):
+        log_a = log_a - torch.logsumexp(log_a, dim=0, keepdim=True) + math.log(max(T, 1) / E)  # columns: T/E
+        log_a = log_a - torch.logsumexp(log_a, dim=1, keepdim=True)  # rows: 1
+    return log_a
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -65,12 +99,17 @@ class TopKRouter(nn.Module):
         x = x.float()
         if self.training and cfg.jitter_eps > 0 and cfg.type == "softmax":
             x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps)
-        logits = F.linear(x, self.weight.float())  # [T, E] fp32
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            logits = F.linear(x, self.weight.float())  # [T, E] fp32
         if cfg.type == "sparsemixer":
             expert_ids, weights, probs = sparsemixer_route(logits, k, cfg.jitter_eps, self.training)
         else:
             probs = logits.softmax(-1)  # [T, E]
-            if cfg.expert_bias_rate > 0:
+            if self.training and cfg.sinkhorn_iters > 0:
+                with torch.no_grad():
+                    expert_ids = torch.topk(sinkhorn(logits, cfg.sinkhorn_iters), k, dim=-1).indices  # [T, k]
+                weights = probs.gather(1, expert_ids)
+            elif cfg.expert_bias_rate > 0:
                 with torch.no_grad():
                     expert_ids = torch.topk(probs + self.expert_bias, k, dim=-1).indices  # [T, k]
                 weights = probs.gather(1, expert_ids)

@@ -7,7 +7,7 @@ import torch._dynamo
 from conftest import interpreted
 from model.config import ModelConfig
 from model.gpt import GPT
-from moe.config import CapacityConfig, KernelConfig, MoEConfig
+from moe.config import CapacityConfig, KernelConfig, MoEConfig, RouterConfig
 
 BACKENDS = {"reference": {}, "grouped": {}, "padded": {"capacity": CapacityConfig(factor=1.0)},
             "scatter": {}, "blocksparse": {"kernels": KernelConfig(block_size=16)}}
@@ -54,3 +54,16 @@ def test_compiled_training_steps_equal_eager(backend):
     torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
     for name, want in eager_grads.items():
         torch.testing.assert_close(comp_grads[name], want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sinkhorn_router_has_no_graph_break():
+    """The paper configs compile their blocks with the Sinkhorn-balanced pick and the fp32 router (an autocast
+    region turned off inside the block)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(num_layers=1, hidden_size=32, num_heads=2, ffn_hidden_size=32),
+                MoEConfig(num_experts=4, top_k=1, backend="grouped", router=RouterConfig(sinkhorn_iters=3)), 64, 16)
+    torch._dynamo.reset()
+    torch._dynamo.config.capture_scalar_outputs = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model.blocks[0])(torch.randn(2, 16, 32))
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]

@@ -9,7 +9,7 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from moe.config import CapacityConfig, MoEConfig, RouterConfig
 from moe.layer import MoELayer
-from moe.router import TopKRouter, load_balance_loss, z_loss
+from moe.router import TopKRouter, load_balance_loss, sinkhorn, z_loss
 from moe.stats import MoEStats
 from parallel.state import ParallelState
 
@@ -147,6 +147,10 @@ def test_metrics_accumulate_over_calls_and_skip_eval():
     ({"backend": "padded", "capacity": CapacityConfig(rectify_intra_capped=True)},
      "moe.capacity.rectify_intra_capped"),
     ({"backend": "nope"}, "moe.backend"),
+    ({"router": RouterConfig(sinkhorn_iters=-1)}, "moe.router.sinkhorn_iters"),
+    ({"router": RouterConfig(sinkhorn_iters=3, expert_bias_rate=1e-3)}, "moe.router.sinkhorn_iters"),
+    ({"router": RouterConfig(type="sparsemixer", jitter_eps=0.1, sinkhorn_iters=3), "top_k": 1},
+     "moe.router.sinkhorn_iters"),
 ])
 def test_config_errors_name_the_key(overrides, key):
     cfg = MoEConfig(num_experts=4, **overrides)
@@ -177,3 +181,65 @@ def test_rectify_router_is_accepted_under_expert_parallelism():
                              "moe.capacity.drop_policy=bpr", "parallel.expert=2", "train.micro_batch_size=1",
                              "train.global_batch_size=2"], world_size=2)
     assert cfg.moe.capacity.rectify and cfg.parallel.expert == 2
+
+
+def test_router_is_fp32_under_bf16_autocast():
+    """Autocast would run the router's matmul in bf16 (ties and rounding in the top-k); it stays fp32."""
+    r = router(8, 1)
+    x = torch.randn(64, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = r(x)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, x @ r.weight.t())
+
+
+def init_loads(sinkhorn_iters: int) -> list[float]:
+    """max/mean assignments per expert of each MoE layer at initialisation: 12 layers, 64 experts top-1, the
+    paper recipe's init_std 0.01, one forward of 8 x 512 Zipf-distributed tokens (natural text's frequencies:
+    the top token is ~15% of them)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=64, top_k=1, ffn_hidden_size=16,
+                    router=RouterConfig(aux_loss_weight=0.1, sinkhorn_iters=sinkhorn_iters))
+    model = GPT(ModelConfig(num_layers=12, hidden_size=128, num_heads=4, init_std=0.01), cfg, 512, 512).train()
+    zipf = 1 / torch.arange(1, 513).float()
+    tokens = torch.multinomial(zipf / zipf.sum(), 8 * 513, replacement=True,
+                               generator=torch.Generator().manual_seed(0)).view(8, 513)
+    with torch.no_grad():
+        model(tokens[:, :-1], tokens[:, 1:])
+    m = model.moe_stats.reduce_and_reset()
+    return [m[f"moe/{i}/max_over_mean"] for i in range(12)]
+
+
+def test_plain_top1_is_unbalanced_at_init_and_sinkhorn_balances_from_step_1():
+    """The cause: at initialisation the router's input is dominated by what all tokens share (frequent tokens at
+    the first layer; the prefix means that uniform attention adds, growing with depth) and plain top-1 sends a
+    multiple of the mean load to one expert; picking on the Sinkhorn-balanced assignment holds every layer near
+    the mean from the first step."""
+    plain = init_loads(0)
+    assert max(plain) > 3.5  # 4.98 (frequent tokens, layer 0) and 3.94 (deepest layer) here
+    balanced = init_loads(3)
+    assert max(balanced) < 1.6, balanced  # ~1.3; multinomial noise alone gives ~1.25 at 64 tokens per expert
+
+
+def test_sinkhorn_cancels_an_offset_shared_by_all_tokens():
+    """Logits = per-token part + the same per-expert offset for every token (what a shared input direction
+    gives): plain top-1 sends every token to the offset's best expert, the Sinkhorn pick spreads them; the
+    weights stay the softmax probabilities of the chosen experts; evaluation takes the plain top-1."""
+    T, E = 4096, 16
+    torch.manual_seed(0)
+    offset = torch.zeros(E)
+    offset[5] = 2.0
+    logits = torch.randn(T, E) * 0.3 + offset
+    assert torch.bincount(logits.argmax(-1), minlength=E).max() > 0.9 * T
+    counts = torch.bincount(sinkhorn(logits, 3).argmax(-1), minlength=E).float()
+    assert counts.max() / counts.mean() < 1.5
+    r = router(E, 1, sinkhorn_iters=3)
+    with torch.no_grad():
+        r.weight.copy_(torch.randn(E, D) * 0.1)
+        r.weight[5] += 0.5  # expert 5 leans towards the direction every input shares
+    x = torch.randn(T, D) * 0.1 + 1.0
+    out = r(x)
+    assert out.counts.max() / out.counts.float().mean() < 1.5
+    torch.testing.assert_close(out.weights, out.probs.gather(1, out.expert_ids))
+    r.eval()
+    assert r(x).counts.max() > 0.9 * T
