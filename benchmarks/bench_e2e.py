@@ -22,23 +22,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.pretrain_runs import pretrain_command, run_pretrain  # noqa: E402
 
 
 def run_one(spec: str, args) -> dict:
     """spec: a config name, optionally with its own overrides: `moe_xs@moe.backend=scatter@train.compile=false`."""
     name, *own = spec.split("@")
     run_dir = Path(args.run_root) / spec.replace("@", "_").replace("=", "-")
-    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--config", str(ROOT / f"configs/{name}.yaml"),
-           f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-           f"train.global_batch_size={args.global_batch or args.micro_batch}",
-           f"train.log_interval={args.log_interval}",
-           "train.eval_interval=0", "checkpoint.save=false", f"train.compile={str(args.compile).lower()}",
-           f"data.vocab_divisible_by={args.vocab}", f"logging.run_dir={run_dir}", "logging.overwrite=true",
-           *args.set, *own]
-    print("$", " ".join(cmd), flush=True)
-    if subprocess.run(cmd, cwd=ROOT).returncode:
-        return {"config": spec, "command": " ".join(cmd[1:]), "error": "pretrain.py failed (see its output)"}
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cmd = pretrain_command(ROOT / f"configs/{name}.yaml", [
+        f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+        f"train.global_batch_size={args.global_batch or args.micro_batch}", f"train.log_interval={args.log_interval}",
+        "train.eval_interval=0", "checkpoint.save=false", f"train.compile={str(args.compile).lower()}",
+        f"data.vocab_divisible_by={args.vocab}", *args.set, *own], run_dir)
+    recs, error = run_pretrain(cmd, run_dir)
+    if error:
+        return {"config": spec, "command": " ".join(cmd[1:]), "error": error}
     steady = recs[1:] or recs
     med = lambda k: statistics.median(r[k] for r in steady if r.get(k) is not None) if any(
         r.get(k) is not None for r in steady) else None

@@ -121,6 +121,43 @@ def expert_histogram(counts: list[int]) -> dict:
             "bucket_limits": [e + 0.5 for e in range(len(counts))], "bucket_counts": counts}
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be read: the message names the file, the line and what to do."""
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order. MetricsError (one line) for a missing file, a line that is not a
+    JSON object with an integer step, or steps that do not increase (two runs appended into one file)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise MetricsError(f"{path}: no such file; is {path.parent} a run directory (logging.run_dir) of a run "
+                           "that reached its first log interval?") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{path}: cannot be read ({e})") from None
+    records, last = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise MetricsError(f"{path}:{n}: not a JSON record ({e.args[0].split(':')[0]}); the file is damaged: "
+                               "delete that line or rerun") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise MetricsError(f"{path}:{n}: a record without an integer 'step'; not a metrics.jsonl of moetron")
+        if step <= last:
+            raise MetricsError(f"{path}:{n}: step {step} follows step {last}; the file mixes runs: give each run "
+                               "its own logging.run_dir")
+        records.append(record)
+        last = step
+    if not records:
+        raise MetricsError(f"{path}: holds no record; the run stopped before its first log interval")
+    return records
+
+
 def _step(line: str) -> float:
     try:
         return json.loads(line)["step"]
