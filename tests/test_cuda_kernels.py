@@ -128,3 +128,32 @@ def test_gated_combine_on_cuda_equals_the_torch_combine():
         results.append((out.float(), y.grad.float(), w.grad.float()))
     for want, got in zip(*results):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["scatter", "blocksparse", "grouped"])
+def test_dropless_step_has_no_host_sync(backend):
+    """Forward and backward of an MoE model on a dropless backend, router metrics included, never wait on the
+    GPU (issue 15: the step's one sync is the trainer's finite check): torch's sync debug mode turns any
+    synchronising call (a .item(), .tolist(), a shape read from the device) into an error."""
+    from model.config import ModelConfig
+    from model.gpt import GPT
+    from moe.config import KernelConfig, MoEConfig
+
+    extra = {"blocksparse": {"kernels": KernelConfig(64)}}
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(num_layers=2, hidden_size=128, num_heads=4), MoEConfig(
+        num_experts=8, top_k=2, backend=backend, **extra.get(backend, {})), 256, 128).cuda()
+    batch = torch.randint(0, 256, (8, 129), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+
+    step()  # the first call tunes and compiles (kernels, the fused loss), which may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
