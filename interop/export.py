@@ -151,18 +151,27 @@ def _stablelm(sd, cfg, vocab, seq, special):
                                            "partial_rotary_factor": 1.0},
                           use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False,
                           hidden_dropout=0.0, attention_dropout=0.0, **special)
-    w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
+    w = _llama_layout(sd, m)
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}", f"model.layers.{i}"
-        w.update(layer_norm(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
-        w.update(layer_norm(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
-        w.update(_attention_rotate_half(sd, f"{src}.attn", f"{dst}.self_attn", d, H))
         w[f"{dst}.mlp.gate_proj.weight"] = sd[f"{src}.mlp.fc1.weight"]
         w[f"{dst}.mlp.up_proj.weight"] = sd[f"{src}.mlp.fc3.weight"]
         w[f"{dst}.mlp.down_proj.weight"] = sd[f"{src}.mlp.fc2.weight"]
     if not m.tie_embeddings:
         w["lm_head.weight"] = sd["head.weight"]
     return StableLmForCausalLM(conf), w
+
+
+def _llama_layout(sd: dict, m) -> dict:
+    """What StableLM and PhiMoE name alike: the embedding, the final norm, and each layer's two norms and
+    attention (Llama's layout); the callers add the MLP or the experts."""
+    w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
+    for i in range(m.num_layers):
+        src, dst = f"blocks.{i}", f"model.layers.{i}"
+        w.update(layer_norm(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
+        w.update(layer_norm(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
+        w.update(_attention_rotate_half(sd, f"{src}.attn", f"{dst}.self_attn", m.hidden_size, m.num_heads))
+    return w
 
 
 def _attention_rotate_half(sd: dict, src: str, dst: str, d: int, H: int) -> dict:
@@ -186,12 +195,9 @@ def _phimoe(sd, cfg, vocab, seq, special):
                         num_experts_per_tok=2, num_local_experts=moe.num_experts,
                         router_jitter_noise=moe.router.jitter_eps, input_jitter_noise=0.0, attention_bias=False,
                         lm_head_bias=False, attention_dropout=0.0, **special)
-    w = {"model.embed_tokens.weight": sd["embed.weight"], **layer_norm(sd, "ln_f", "model.norm")}
+    w = _llama_layout(sd, m)
     for i in range(m.num_layers):
         src, dst = f"blocks.{i}", f"model.layers.{i}"
-        w.update(layer_norm(sd, f"{src}.ln1", f"{dst}.input_layernorm"))
-        w.update(layer_norm(sd, f"{src}.ln2", f"{dst}.post_attention_layernorm"))
-        w.update(_attention_rotate_half(sd, f"{src}.attn", f"{dst}.self_attn", d, H))
         w[f"{dst}.mlp.router.weight"] = sd[f"{src}.mlp.router.weight"]
         # PhiMoE's experts hold [E, 2f, d] (gate rows, then up rows) and [E, d, f]: moetron's [E, d, f] transposed
         w1, w3, w2 = (sd[f"{src}.mlp.experts.{n}"] for n in ("w1", "w3", "w2"))

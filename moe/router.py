@@ -105,16 +105,16 @@ class TopKRouter(nn.Module):
             expert_ids, weights, probs = sparsemixer_route(logits, k, cfg.jitter_eps, self.training)
         else:
             probs = logits.softmax(-1)  # [T, E]
-            if self.training and cfg.sinkhorn_iters > 0:
-                with torch.no_grad():
-                    expert_ids = torch.topk(sinkhorn(logits, cfg.sinkhorn_iters), k, dim=-1).indices  # [T, k]
-                weights = probs.gather(1, expert_ids)
-            elif cfg.expert_bias_rate > 0:
-                with torch.no_grad():
-                    expert_ids = torch.topk(probs + self.expert_bias, k, dim=-1).indices  # [T, k]
-                weights = probs.gather(1, expert_ids)
-            else:
+            with torch.no_grad():  # what the experts are chosen by, when not the probabilities themselves
+                if self.training and cfg.sinkhorn_iters > 0:
+                    choose_by = sinkhorn(logits, cfg.sinkhorn_iters)
+                else:
+                    choose_by = probs + self.expert_bias if cfg.expert_bias_rate > 0 else None
+            if choose_by is None:
                 weights, expert_ids = torch.topk(probs, k, dim=-1)  # [T, k]
+            else:  # the weights stay the unbiased probabilities of the chosen experts
+                expert_ids = torch.topk(choose_by, k, dim=-1).indices  # [T, k]
+                weights = probs.gather(1, expert_ids)
             if cfg.renormalize:
                 weights = weights / weights.sum(-1, keepdim=True)
         counts = count_per_expert(expert_ids, E)  # [E]

@@ -125,9 +125,10 @@ class GradSync:
         """(global norm, clipping factor) of the gradients as they are; `scale`: multiply them by the factor."""
         norm = self.norm()
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norm)
-        grads = [g for g in map(self.grad_of, self.params) if g is not None]
-        if scale and max_norm > 0 and grads:
-            torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        if scale and max_norm > 0:
+            grads = [g for g in map(self.grad_of, self.params) if g is not None]
+            if grads:
+                torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         return norm, factor
 
     def norm(self) -> torch.Tensor:
