@@ -164,9 +164,10 @@ def main(argv=None) -> int:
             for k in (int(k) for k in args.top_k.split(",")):
                 for variant in variants:
                     rows.append(run_one(cf, k, variant, args, counter))
+                    path = write(rows, args, device)  # after every run: a job cut short keeps what it measured
     finally:
         counter.restore()
-    print(write(rows, args, device).read_text())
+    print(path.read_text())
     return int(any("error" in r for r in rows))
 
 
