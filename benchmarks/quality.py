@@ -49,6 +49,8 @@ CAPACITY_1 = ["moe.backend=padded", "moe.capacity.factor=1"]
 VARIANTS = {
     "dense": ["moe.num_experts=0"],
     "top1-dropless": ["moe.top_k=1"],
+    "top1-dropless-renorm": ["moe.top_k=1", "moe.router.renormalize=true"],  # gate 1, no router gradient
+    "top1-dropless-st": ["moe.top_k=1", "moe.router.renormalize=true", "moe.router.straight_through=true"],
     "top1-cf1": ["moe.top_k=1", *CAPACITY_1],
     "top1-sparsemixer": ["moe.top_k=1", *SPARSEMIXER],
     "top2-dropless": ["moe.top_k=2"],

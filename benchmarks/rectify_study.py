@@ -54,8 +54,8 @@ class Counter:
         self.layer, self.original = layer, layer.apply_capacity
         self.sums = torch.zeros(5, dtype=torch.float64)  # assignments, dropped before, after, FR filled, vacant
 
-        def counted(routing, cfg, renormalize, peers=None, local_experts=None):
-            out = self.original(routing, cfg, renormalize, peers, local_experts)
+        def counted(routing, cfg, *args, **kwargs):
+            out = self.original(routing, cfg, *args, **kwargs)
             if torch.is_grad_enabled():  # training calls only
                 with torch.no_grad():
                     (T, k), E = routing.expert_ids.shape, routing.num_experts

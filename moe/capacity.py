@@ -38,7 +38,7 @@ import torch
 from moe.config import CapacityConfig
 from moe.positions import count_per_expert, positions_in_expert, rank_of
 from moe.rectify import rectify
-from moe.routing import Routing
+from moe.routing import Routing, gate_weights
 from parallel.comm import Peers
 
 
@@ -79,7 +79,7 @@ def priority(expert_ids: torch.Tensor, scores: torch.Tensor | None) -> torch.Ten
 
 
 def apply_capacity(routing: Routing, cfg: CapacityConfig, renormalize: bool, peers: Peers | None = None,
-                   local_experts: range | None = None) -> Capped:
+                   local_experts: range | None = None, straight_through: bool = False) -> Capped:
     """Drop what exceeds each expert's capacity, then rescue with Rectify-Router if configured.
 
     `peers`: the expert-parallel group (None: this process alone); `local_experts`: the experts on this rank
@@ -114,8 +114,7 @@ def apply_capacity(routing: Routing, cfg: CapacityConfig, renormalize: bool, pee
         bound = None  # the paper's IR takes every dropped token: no static bound on an expert's rows
     p = routing.probs
     weights = torch.cat([p.gather(1, routing.expert_ids) * keep, p.gather(1, rect.expert) * rect.weight], 1)
-    if renormalize:
-        weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-20)
+    weights = gate_weights(weights, renormalize, straight_through)
     intra = torch.zeros(T, k + 2, dtype=torch.bool, device=keep.device)
     intra[:, k] = True  # the IR slot: computed on this rank, never sent (moe/dispatch.py)
     return Capped(dataclasses.replace(routing, expert_ids=torch.cat([routing.expert_ids, rect.expert], 1),

@@ -16,6 +16,7 @@ BACKENDS = ("reference", "padded", "grouped", "scatter", "blocksparse")
 class RouterConfig:
     type: str = "softmax"  # softmax | sparsemixer
     renormalize: bool = False  # rescale the top-k weights to sum to 1
+    straight_through: bool = False  # with renormalize: its values, the plain probabilities' gradient (top-1: 1)
     jitter_eps: float = 0.0  # multiplicative input jitter U[1-eps, 1+eps] in training (SparseMixer: mask width)
     aux_loss_weight: float = 0.01  # Switch load-balance loss
     aux_loss_scope: str = "micro_batch"  # micro_batch | global
@@ -31,6 +32,9 @@ class RouterConfig:
         for key in ("jitter_eps", "aux_loss_weight", "z_loss_weight", "expert_bias_rate", "sinkhorn_iters"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"moe.router.{key}", f"is {getattr(self, key)}; it must be >= 0")
+        if self.straight_through and not self.renormalize:
+            raise ConfigError("moe.router.straight_through", "takes the values of the renormalised weights; set "
+                              "moe.router.renormalize=true with it")
         if self.sinkhorn_iters and self.expert_bias_rate:
             raise ConfigError("moe.router.sinkhorn_iters", "and moe.router.expert_bias_rate both pick the experts; "
                               "use one of them (set the other to 0)")
@@ -40,7 +44,7 @@ class RouterConfig:
             if self.jitter_eps <= 0:
                 raise ConfigError("moe.router.jitter_eps", "must be > 0 with router.type=sparsemixer (it is the "
                                   "mask width; 0 keeps only the top expert and the router learns nothing): use 0.1")
-            for key in ("renormalize", "expert_bias_rate", "sinkhorn_iters"):
+            for key in ("renormalize", "straight_through", "expert_bias_rate", "sinkhorn_iters"):
                 if getattr(self, key):
                     raise ConfigError(f"moe.router.{key}", "is not supported with moe.router.type=sparsemixer (its "
                                       "multipliers come from the estimator); turn it off or use router.type=softmax")

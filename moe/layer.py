@@ -47,7 +47,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])  # [T, d]
         routing = self.router(x_TD, self.stats, self.index)
         y_TD, num_dropped = run_experts(self.dispatcher, self.experts, x_TD, routing, self.capacity,
-                                        self.router.cfg.renormalize)
+                                        self.router.cfg.renormalize, self.router.cfg.straight_through)
         if self.router.omega is not None:  # SparseMixer v1 channel scale
             y_TD = y_TD * self.router.omega.to(y_TD.dtype)
         if self.training:
@@ -56,13 +56,14 @@ class MoELayer(nn.Module):
 
 
 def run_experts(dispatcher, experts: nn.Module, x_TD: torch.Tensor, routing: Routing,
-                capacity: CapacityConfig | None = None, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                capacity: CapacityConfig | None = None, renormalize: bool = False,
+                straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What follows the router: the capacity step (when given its section: the padded backend), dispatch, the
     experts, combine. -> (y [T, d] gated, assignments dropped [])."""
     check_routing(x_TD, routing)
     C, num_dropped = None, routing.counts.new_zeros(())
     if capacity is not None:
         routing, C, num_dropped = apply_capacity(routing, capacity, renormalize, dispatcher.peers,
-                                                 dispatcher.local_experts(routing.num_experts))
+                                                 dispatcher.local_experts(routing.num_experts), straight_through)
     rows, handle = dispatcher.dispatch(x_TD, routing, C)
     return dispatcher.combine(experts(rows), handle), num_dropped

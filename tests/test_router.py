@@ -39,6 +39,26 @@ def test_renormalize():
     torch.testing.assert_close(out.weights.sum(1), torch.ones(5))
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_straight_through_gate_has_renormalised_values_and_the_probabilities_gradient(k):
+    """The value of renormalize (top-1: exactly 1), the gradient of the plain probabilities: for top-1 the plain
+    renormalised weight p/p has no gradient, so the router would learn nothing from the LM loss."""
+    x, g = torch.randn(6, D), torch.randn(6, k)  # g: an upstream gradient of the combine weights
+    weights, grads = {}, {}
+    for name, kw in [("plain", {}), ("renorm", {"renormalize": True}),
+                     ("st", {"renormalize": True, "straight_through": True})]:
+        r = router(4, k, **kw)
+        weights[name] = r(x).weights
+        (weights[name] * g).sum().backward()
+        grads[name] = r.weight.grad
+    torch.testing.assert_close(weights["st"], weights["renorm"])
+    if k == 1:
+        torch.testing.assert_close(weights["st"], torch.ones(6, 1))
+    torch.testing.assert_close(grads["st"], grads["plain"])
+    if k == 1:
+        assert grads["renorm"].abs().max() < 1e-6 < grads["plain"].abs().max()
+
+
 def test_jitter_only_in_training():
     r = router(jitter_eps=0.5)
     x = torch.randn(5, D)
@@ -148,6 +168,7 @@ def test_metrics_accumulate_over_calls_and_skip_eval():
      "moe.capacity.rectify_intra_capped"),
     ({"backend": "nope"}, "moe.backend"),
     ({"router": RouterConfig(sinkhorn_iters=-1)}, "moe.router.sinkhorn_iters"),
+    ({"router": RouterConfig(straight_through=True)}, "moe.router.straight_through"),
     ({"router": RouterConfig(sinkhorn_iters=3, expert_bias_rate=1e-3)}, "moe.router.sinkhorn_iters"),
     ({"router": RouterConfig(type="sparsemixer", jitter_eps=0.1, sinkhorn_iters=3), "top_k": 1},
      "moe.router.sinkhorn_iters"),
