@@ -207,3 +207,35 @@ def test_quality_job_end_to_end_with_a_stand_in_for_pretrain(tmp_path, capsys):
     calls.clear()  # again with --skip-done: only the failed run runs again
     assert quality.main([*args, "--skip-done"], run=fake_run) == 1
     assert calls == ["top1-cf1-s2"] and capsys.readouterr().out.count("holds this run finished; reused") == 3
+
+
+def val_records(seed: int, losses: list[float]) -> list[dict]:
+    """Validation at steps 10, 20, ...: the given losses."""
+    return [{"step": 10 * (i + 1), "loss": v, "val_loss": v, "elapsed_s": float(i), "tokens_per_s": 1.0}
+            for i, v in enumerate(losses)]
+
+
+def test_claims_are_judged_seed_by_seed_and_by_steps_to_the_target(tmp_path):
+    from benchmarks import quality_claims
+    root, out = tmp_path / "grid", tmp_path / "out"
+    curves = {  # variant -> overrides, losses of seed 1, losses of seed 2
+        "dense": (["moe.num_experts=0"], [6, 5, 4.0], [6, 5, 4.2]),
+        "top1-dropless": (["moe.top_k=1"], [6, 5, 3.9], [6, 5, 4.3]),  # lower for seed 1 only: undecided
+        "top1-sparsemixer": (quality.VARIANTS["top1-sparsemixer"], [6, 4.0, 3.5], [6, 4.2, 3.5]),  # mean 4.1 at 20
+    }
+    for name, (overrides, *by_seed) in curves.items():
+        for seed, losses in enumerate(by_seed, 1):
+            write_run(root / f"{name}-s{seed}", [*overrides, f"train.seed={seed}"], val_records(seed, losses))
+    rows = {(r["claim"], r["candidate"]): r for r in quality_claims.judge([root], out)}
+    assert set(rows) == {("moe-vs-dense", "top1-dropless")}  # sparsemixer's claim needs its other pair too
+    r = rows["moe-vs-dense", "top1-dropless"]
+    assert r["deltas"] == pytest.approx([-0.1, 0.1]) and r["verdict"].startswith("undecided")
+    assert (out / "moe-vs-dense-grid.png").read_bytes().startswith(PNG)
+
+    from benchmarks.quality_claims import compare_steps
+    variants = {v.name: v for v in plot_runs.group_runs([plot_runs.load_run(d) for d in sorted(root.iterdir())])}
+    s = compare_steps(variants["top1-dropless"], variants["top1-sparsemixer"])  # target: 4.1, the mean at step 30
+    assert (s["target"], s["baseline_steps"], s["candidate_steps"]) == (pytest.approx(4.1), 30, 20)
+    assert s["speedup"] == pytest.approx(1.5) and s["verdict"] == "confirmed"
+    refused = compare_steps(variants["top1-sparsemixer"], variants["dense"])  # dense never reaches 3.5
+    assert refused["candidate_steps"] is None and refused["verdict"].startswith("refuted")
