@@ -51,7 +51,7 @@ VARIANTS = {
     "top1-dropless": ["moe.top_k=1"],
     "top1-dropless-renorm": ["moe.top_k=1", "moe.router.renormalize=true"],  # gate 1, no router gradient
     "top1-dropless-st": ["moe.top_k=1", "moe.router.renormalize=true", "moe.router.straight_through=true"],
-    "top1-dropless-sinkhorn": ["moe.top_k=1", "moe.router.sinkhorn_iters=3"],  # the paper configs' balanced pick
+    "top1-dropless-sinkhorn": ["moe.top_k=1", "moe.router.sinkhorn_iters=3", "moe.router.sinkhorn_sharpness=3"],
     "top1-cf1": ["moe.top_k=1", *CAPACITY_1],
     "top1-sparsemixer": ["moe.top_k=1", *SPARSEMIXER],
     "top2-dropless": ["moe.top_k=2"],

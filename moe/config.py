@@ -23,6 +23,7 @@ class RouterConfig:
     z_loss_weight: float = 0.0
     expert_bias_rate: float = 0.0  # >0: aux-loss-free balancing bias (DeepSeek-V3), updated after each step
     sinkhorn_iters: int = 0  # >0: training picks the top-k on the Sinkhorn-balanced assignment (S-BASE); 0: off
+    sinkhorn_sharpness: float = 12.0  # the logits' spread over tokens that Sinkhorn balances at (moe/router.py)
 
     def validate(self, top_k: int) -> None:
         choices = {"type": ("softmax", "sparsemixer"), "aux_loss_scope": ("micro_batch", "global")}
@@ -32,6 +33,9 @@ class RouterConfig:
         for key in ("jitter_eps", "aux_loss_weight", "z_loss_weight", "expert_bias_rate", "sinkhorn_iters"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"moe.router.{key}", f"is {getattr(self, key)}; it must be >= 0")
+        if self.sinkhorn_sharpness <= 0:
+            raise ConfigError("moe.router.sinkhorn_sharpness", f"is {self.sinkhorn_sharpness}; it must be > 0 "
+                              "(12 balances the argmax: moe/router.py)")
         if self.straight_through and not self.renormalize:
             raise ConfigError("moe.router.straight_through", "takes the values of the renormalised weights; set "
                               "moe.router.renormalize=true with it")

@@ -54,22 +54,23 @@ def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     return E * torch.sum(f * probs.mean(0)) if T else probs.sum()
 
 
-# the logits' spread over tokens that Sinkhorn balances at (benchmarks/results/2026-12-02-cpu-router-balance.md)
-SINKHORN_SHARPNESS = 3.0
-
-
-def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float) -> torch.Tensor:
     """Log-domain Sinkhorn-Knopp (Cuturi 2013) on exp(logits) [T, E], the logits scaled to a spread over tokens
-    of SINKHORN_SHARPNESS: `iters` rounds of scaling the experts' columns to T/E tokens each and the tokens' rows to
-    1. Returns the balanced log-assignment [T, E] (fixed rounds: no host sync, unlike a tolerance loop)."""
+    of `sharpness`: `iters` rounds of scaling the experts' columns to T/E tokens each and the tokens' rows to 1.
+    Returns the balanced log-assignment [T, E] (fixed rounds: no host sync, unlike a tolerance loop)."""
     T, E = logits.shape
     log_a = logits.float()
-    # at the logits' own scale (std ~0.3 at init) the soft assignment is near uniform and balanced while its
-    # argmax is not; sharpened, the argmax of the balanced assignment is balanced too. The scale is the tokens'
-    # spread around each expert's mean (an offset shared by all tokens, which Sinkhorn removes, is left out)
+    # Sinkhorn balances the soft assignment, not its argmax: where many tokens have nearly the same row (a
+    # cluster of similar contexts), a soft, balanced assignment still sends the whole cluster to one expert.
+    # The sharper the logits, the closer the balanced assignment is to a hard one and its argmax to balanced
+    # (entropic optimal transport tends to the exact assignment as the scale grows), at the price of more rounds
+    # to converge. Measured on moe_xs (benchmarks/results/2026-12-03-h200-router-balance.md): spread 3 stays
+    # above 3x the mean load mid-training however many rounds; 12 with 30 rounds stays under 3. The scale is
+    # the tokens' spread around each expert's mean (an offset shared by all tokens, which Sinkhorn removes, is
+    # left out)
     if T > 1:
         spread = (log_a - log_a.mean(0, keepdim=True)).std().clamp(min=1e-6)
-        log_a = log_a * (SINKHORN_SHARPNESS / spread)
+        log_a = log_a * (sharpness / spread)
     for _ in range(iters):
         log_a = log_a - torch.logsumexp(log_a, dim=0, keepdim=True) + math.log(max(T, 1) / E)  # columns: T/E
         log_a = log_a - torch.logsumexp(log_a, dim=1, keepdim=True)  # rows: 1
@@ -108,7 +109,7 @@ class TopKRouter(nn.Module):
             probs = logits.softmax(-1)  # [T, E]
             with torch.no_grad():  # what the experts are chosen by, when not the probabilities themselves
                 if self.training and cfg.sinkhorn_iters > 0:
-                    choose_by = sinkhorn(logits, cfg.sinkhorn_iters)
+                    choose_by = sinkhorn(logits, cfg.sinkhorn_iters, cfg.sinkhorn_sharpness)
                 else:
                     choose_by = probs + self.expert_bias if cfg.expert_bias_rate > 0 else None
             if choose_by is None:
