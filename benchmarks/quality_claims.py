@@ -49,10 +49,8 @@ CLAIMS = (
 
 def final_by_seed(variant: plot_runs.Variant) -> dict[int, float]:
     """seed -> validation loss at the last step every seed of the variant validated."""
-    curve = plot_runs.val_curve(variant)
-    step = int(curve["step"][-1])
-    return {run.seed: next(r["val_loss"] for r in run.records if r["step"] == step and r.get("val_loss") is not None)
-            for run in variant.runs}
+    final = plot_runs.val_curve(variant)["per_run"][:, -1]
+    return {run.seed: float(loss) for run, loss in zip(variant.runs, final)}
 
 
 def compare_loss(base: plot_runs.Variant, cand: plot_runs.Variant) -> dict:

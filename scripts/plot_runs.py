@@ -159,7 +159,8 @@ def _band(values: np.ndarray) -> dict:
 
 def val_curve(variant: Variant) -> dict | None:
     """The validation loss over seeds at the steps where every seed validated: step, tokens, elapsed_s (the mean
-    over seeds), and the loss's mean, std, min and max (numpy arrays); None when no step has it in every run."""
+    over seeds), the loss of each run [runs, steps] (`per_run`, in variant.runs' order) and its mean, std, min and
+    max over runs (numpy arrays); None when no step has it in every run."""
     per_run = [{r["step"]: (r["val_loss"], r.get("elapsed_s", math.nan)) for r in run.records
                 if r.get("val_loss") is not None} for run in variant.runs]
     steps = sorted(set.intersection(*(set(p) for p in per_run)))
@@ -168,7 +169,7 @@ def val_curve(variant: Variant) -> dict | None:
     loss = np.array([[p[s][0] for s in steps] for p in per_run], dtype=float)
     elapsed = np.array([[p[s][1] for s in steps] for p in per_run], dtype=float)
     return {"step": np.array(steps), "tokens": np.array(steps) * variant.runs[0].tokens_per_step,
-            "elapsed_s": elapsed.mean(axis=0), **_band(loss)}
+            "elapsed_s": elapsed.mean(axis=0), "per_run": loss, **_band(loss)}
 
 
 def expert_shares(run: Run) -> tuple[np.ndarray, list[int], np.ndarray] | None:
