@@ -107,7 +107,7 @@ def train(args, stop) -> int:
         torch.manual_seed(t.seed)
         model = GPT(cfg.model, cfg.moe, plan.vocab_size, cfg.data.seq_length, build_layers(ps)).to(device)
         if t.compile:
-            model.compile_blocks()
+            model.compile_blocks(t.cuda_graphs)
         if ps.is_main:
             print(summary(cfg, plan, model, ps, run_dir), flush=True)
         logger = MetricsLogger(run_dir, ps.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
@@ -149,7 +149,7 @@ def summary(cfg, plan, model, ps, run_dir: Path) -> str:
         f"{plan.accumulation} micro-batches of {t.micro_batch_size} on each of {plan.data_parallel} data-parallel "
         f"ranks); {t.steps:,} steps, {t.steps * plan.tokens_per_step:,} tokens",
         f"layout: world {ps.world_size} = tensor {ps.tp_size} x expert {ps.ep_size} x expert-data {ps.edp_size}; "
-        f"device {ps.device}; compile {t.compile}",
+        f"device {ps.device}; compile {t.compile}{', CUDA graphs' if t.cuda_graphs else ''}",
         f"run: {run_dir} ({resume})"])
 
 

@@ -136,24 +136,26 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def compile_blocks(self) -> None:
-        """torch.compile each block. The MoE kernels are custom ops, opaque inside the graph; the group bounds
-        that the reference and the CPU grouped backends read to the host are traced as symbolic sizes
-        (capture_scalar_outputs) instead of breaking the graph."""
+    def compile_blocks(self, cuda_graphs: bool = False) -> None:
+        """torch.compile each block (`cuda_graphs`: replayed as CUDA graphs, mode reduce-overhead). The MoE
+        kernels are custom ops, opaque inside the graph; the group bounds that the reference and the CPU grouped
+        backends read to the host are traced as symbolic sizes (capture_scalar_outputs) instead of breaking the
+        graph."""
         torch._dynamo.config.capture_scalar_outputs = True
         for block in self.blocks:
-            block.compile()
+            block.compile(mode="reduce-overhead" if cuda_graphs else None)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
 
-    def end_step(self, applied: bool) -> None:
-        """After each optimizer step (applied=False: a skipped, non-finite step): the expert-bias update from
-        the step's loads when the step was applied; the step's counts are cleared either way."""
-        if applied and self.moe_cfg.router.expert_bias_rate > 0:
+    def end_step(self, applied: torch.Tensor | bool) -> None:
+        """After each optimizer step (`applied`, a device flag or a bool: False for a skipped, non-finite step):
+        the expert-bias update from the step's loads, which a skipped step leaves out; the step's counts are
+        cleared either way."""
+        if self.moe_cfg.router.expert_bias_rate > 0:
             loads = self.moe_stats.step_loads()  # [L, E] over the data-parallel group
             for i, layer in enumerate(self.moe_layers()):
-                layer.router.update_bias(loads[i])
+                layer.router.update_bias(loads[i], applied)
         self.moe_stats.end_step()
 
     def features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

@@ -59,7 +59,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float) -> torch.Tensor
     of `sharpness`: `iters` rounds of scaling the experts' columns to T/E tokens each and the tokens' rows to 1.
     Returns the balanced log-assignment [T, E] (fixed rounds: no host sync, unlike a tolerance loop)."""
     T, E = logits.shape
-    log_a = logits.float()
+    log_k = logits.float()
     # Sinkhorn balances the soft assignment, not its argmax: where many tokens have nearly the same row (a
     # cluster of similar contexts), a soft, balanced assignment still sends the whole cluster to one expert.
     # The sharper the logits, the closer the balanced assignment is to a hard one and its argmax to balanced
@@ -69,12 +69,15 @@ def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float) -> torch.Tensor
     # the tokens' spread around each expert's mean (an offset shared by all tokens, which Sinkhorn removes, is
     # left out)
     if T > 1:
-        spread = (log_a - log_a.mean(0, keepdim=True)).std().clamp(min=1e-6)
-        log_a = log_a * (sharpness / spread)
+        spread = (log_k - log_k.mean(0, keepdim=True)).std().clamp(min=1e-6)
+        log_k = log_k * (sharpness / spread)
+    # The balanced assignment is log_k + row[:, None] + col[None, :] after every round, so only the two scaling
+    # vectors are iterated: each round reads log_k twice and writes [T] + [E] values, not two [T, E] updates
+    row = log_k.new_zeros(T, 1)
     for _ in range(iters):
-        log_a = log_a - torch.logsumexp(log_a, dim=0, keepdim=True) + math.log(max(T, 1) / E)  # columns: T/E
-        log_a = log_a - torch.logsumexp(log_a, dim=1, keepdim=True)  # rows: 1
-    return log_a
+        col = math.log(max(T, 1) / E) - torch.logsumexp(log_k + row, dim=0, keepdim=True)  # columns: T/E
+        row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)  # rows: 1
+    return log_k + row + col if iters > 0 else log_k
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -126,7 +129,7 @@ class TopKRouter(nn.Module):
         return Routing(expert_ids, weights, probs, logits, counts, aux, z_loss(logits))
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor) -> None:
+    def update_bias(self, load: torch.Tensor, applied: torch.Tensor | bool = True) -> None:
         """bias += rate * sign(mean load - load), `load` [E] the step's counts over the data-parallel group
-        (DeepSeek-V3)."""
-        self.expert_bias += self.cfg.expert_bias_rate * torch.sign(load.float().mean() - load.float())
+        (DeepSeek-V3); no change where `applied` (a device flag, read without a host sync) is False."""
+        self.expert_bias += self.cfg.expert_bias_rate * torch.sign(load.float().mean() - load.float()) * applied

@@ -10,8 +10,8 @@ The trainer reads it:
     reduce_and_reset()  once per log interval: sums the interval over the data-parallel group (a collective, so
                         every rank calls it at the same step) and clears it; returns the metrics by name, among
                         them each layer's assignments per expert over the interval (the data of a load heatmap);
-    nonfinite()         on a skipped step only: which layers' aux or z loss of this step is not finite (this
-                        rank's, no collective, nothing cleared);
+    nonfinite(losses)   on a skipped step only: which layers' aux or z loss in a copy of that step's
+                        `step_losses` is not finite (this rank's, no collective);
     step_loads() / end_step()  after every optimizer step, applied or skipped (GPT.end_step).
 """
 from __future__ import annotations
@@ -85,9 +85,11 @@ class MoEStats(nn.Module):
         return {f"moe/{i}/{key}": v for i, row in enumerate(values) for key, v in
                 [*zip(out, row), ("tokens_per_expert", per_expert[i])]}
 
-    def nonfinite(self) -> list[str]:
-        """'moe/<layer>/<loss>=<value>' for each of this step's aux and z losses that is not finite (host reads)."""
-        return [f"moe/{i}/{name}={v}" for i, row in enumerate(self.step_losses.tolist())
+    @staticmethod
+    def nonfinite(step_losses: torch.Tensor) -> list[str]:
+        """'moe/<layer>/<loss>=<value>' for each aux and z loss in `step_losses` (a copy of a step's
+        `step_losses`, [L, 2]) that is not finite (host reads)."""
+        return [f"moe/{i}/{name}={v}" for i, row in enumerate(step_losses.tolist())
                 for name, v in zip(("aux_loss", "z_loss"), row) if not math.isfinite(v)]
 
     def step_loads(self) -> torch.Tensor:

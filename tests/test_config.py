@@ -57,6 +57,7 @@ def test_overrides_are_typed():
     (["moe.router.typ=softmax"], "moe.router.typ", "did you mean moe.router.type"),
     (["moe.capacity.factor=-1"], "moe.capacity.factor", "use 0 (dynamic) or > 0"),
     (["moe.router=1"], "moe.router", "is a section"),
+    (["train.cuda_graphs=true", "train.compile=false"], "train.cuda_graphs", "set train.compile=true"),
 ])
 def test_bad_config_names_key_and_fix(overrides, key, fix):
     with pytest.raises(ConfigError) as err:

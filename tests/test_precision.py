@@ -70,21 +70,39 @@ def test_gradient_sync_reads_and_clips_the_main_gradients():
         torch.testing.assert_close(weights.fold(p), m * factor)
 
 
+class _ClipFirstAdamW(torch.optim.AdamW):
+    """The textbook order: the gradients multiplied by the clipping factor, then a plain (for-each) AdamW step;
+    a step flagged non-finite is not taken."""
+
+    def step(self):
+        scale, found_inf = self.__dict__.pop("grad_scale"), self.__dict__.pop("found_inf")  # for-each takes neither
+        if found_inf.item():
+            return
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.grad.div_(scale)
+        super().step()
+
+
 def test_fused_adamw_clips_through_grad_scale(tmp_path):
-    """The trainer hands a fused AdamW the clipping factor as grad_scale instead of scaling the gradients: the
-    same parameters as clipping first (fused AdamW runs on the CPU too)."""
+    """The trainer hands the fused AdamW the clipping factor as grad_scale instead of scaling the gradients: the
+    same parameters as clipping first."""
     a = make_trainer(tmp_path / "a", "train.clip_grad=0.05", "train.steps=3", "checkpoint.save=false")
+    assert a.optimizer.defaults["fused"]
     ra = a.run()  # before b is built: the router's jitter draws from the global generator
     b = make_trainer(tmp_path / "b", "train.clip_grad=0.05", "train.steps=3", "checkpoint.save=false")
     t = b.cfg
-    b.optimizer = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
-                                     for g in b.optimizer.param_groups], lr=t.lr, betas=(t.beta1, t.beta2),
-                                    eps=t.adam_eps, fused=True)
-    b.fused = True
+    b.optimizer = _ClipFirstAdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                   for g in b.optimizer.param_groups], lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=t.adam_eps, foreach=True)
     b.run()
     assert ra[0]["grad_norm"] > 0.05  # the clip was active
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    unclipped = make_trainer(tmp_path / "c", "train.clip_grad=0", "train.steps=3", "checkpoint.save=false")
+    unclipped.run()
+    assert any((pa - pc).abs().max() > 1e-4 for pa, pc in zip(a.model.parameters(), unclipped.model.parameters()))
 
 
 def test_checkpoint_holds_masters_and_resumes_exactly(tmp_path):

@@ -1,5 +1,7 @@
 """Router: top-k, renormalisation, jitter, load-balance loss (micro-batch and global), z-loss, expert bias,
 the statistics it records, config validation."""
+import math
+
 import pytest
 import torch
 
@@ -203,6 +205,24 @@ def test_rectify_router_is_accepted_under_expert_parallelism():
                              "moe.capacity.drop_policy=bpr", "parallel.expert=2", "train.micro_batch_size=1",
                              "train.global_batch_size=2"], world_size=2)
     assert cfg.moe.capacity.rectify and cfg.parallel.expert == 2
+
+
+@pytest.mark.parametrize("T,E,iters", [(300, 8, 1), (1000, 16, 30), (1, 4, 3)])
+def test_sinkhorn_equals_the_full_matrix_iteration(T, E, iters):
+    """The scaling-vector form gives the textbook iteration (normalise the whole matrix's columns, then its rows,
+    every round); after the last row step every row sums to 1, and once converged every column to T/E."""
+    logits = torch.randn(T, E) * 2
+    log_a = logits.clone()
+    if T > 1:
+        log_a = log_a * (12.0 / (log_a - log_a.mean(0, keepdim=True)).std())
+    for _ in range(iters):
+        log_a = log_a - torch.logsumexp(log_a, dim=0, keepdim=True) + math.log(T / E)
+        log_a = log_a - torch.logsumexp(log_a, dim=1, keepdim=True)
+    got = sinkhorn(logits, iters, 12.0)
+    torch.testing.assert_close(got, log_a, rtol=1e-5, atol=1e-4)  # fp32 rounding of values up to ~40
+    torch.testing.assert_close(got.exp().sum(1), torch.ones(T))
+    if iters == 30:
+        torch.testing.assert_close(got.exp().sum(0), torch.full((E,), T / E), rtol=0.02, atol=0)
 
 
 def test_sinkhorn_balances_the_argmax_of_clustered_tokens_only_when_sharp():

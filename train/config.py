@@ -45,6 +45,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     master_weights: bool = True  # with bf16: bf16 weights over fp32 masters (train/precision.py); false: autocast
     compile: bool = False  # torch.compile each block (the paper configs turn it on)
+    # with compile, on a GPU: replay each block's compiled forward and backward as CUDA graphs (torch.compile's
+    # mode reduce-overhead): no kernel launches from the host; needs static shapes, so not with expert parallelism
+    cuda_graphs: bool = False
     device: str = "auto"  # auto | cpu | cuda
     max_skipped: int = 5  # consecutive non-finite steps before the run stops
 
@@ -155,6 +158,12 @@ class Config:
         if not self.model.vocab_size and self.data.vocab_divisible_by % p.tensor:
             raise ConfigError("data.vocab_divisible_by", f"is {self.data.vocab_divisible_by} but must be a multiple "
                               f"of parallel.tensor={p.tensor}, so the padded vocabulary splits evenly")
+        if t.cuda_graphs and not t.compile:
+            raise ConfigError("train.cuda_graphs", "is true but train.compile is false; the graphs are those of "
+                              "the compiled blocks: set train.compile=true")
+        if t.cuda_graphs and p.expert > 1:
+            raise ConfigError("train.cuda_graphs", f"is true with parallel.expert={p.expert}: the all-to-all's "
+                              "uneven splits change the shapes every step; set train.cuda_graphs=false")
         t.accumulation(world_size // p.tensor)  # batches are split over every rank of one tensor-parallel position
 
     def to_dict(self) -> dict:

@@ -4,8 +4,14 @@ One optimizer step consumes `train.global_batch_size` sequences: each of the dat
 shard and runs it as `plan.accumulation` micro-batches of `train.micro_batch_size`.
 
 What the trainer asks of the model: `model(tokens, targets) -> (loss, {"lm_loss", "aux_loss", "z_loss"})`,
-`model.end_step(applied)` after every optimizer step, and `model.moe_stats.reduce_and_reset()` once per log
-interval (a collective; never on the skip path).
+`model.end_step(applied)` after every optimizer step (`applied` a device flag), and
+`model.moe_stats.reduce_and_reset()` once per log interval (a collective; never on the skip path).
+
+No host synchronisation inside a step: a step whose loss or gradient norm is not finite is skipped on the device
+(AdamW's found_inf, as with a GradScaler), and the host reads that flag one step later, when the next step is
+already queued behind it, so the GPU never waits for the host to launch the next step. The skip report, the
+train.max_skipped stop and the skipped_in_row of checkpoints are settled before every checkpoint, log line and
+the end of the run.
 """
 from __future__ import annotations
 
@@ -49,11 +55,10 @@ class Trainer:
         if bf16 and cfg.master_weights:
             self.weights = MasterWeights([p for g in self.optimizer.param_groups for p in g["params"]])
             grad_sync.read_grads_with(self.weights.fold)
-        # a fused AdamW applies the clipping factor as its grad_scale (no separate pass over the gradients)
-        self.fused = bool(self.optimizer.defaults.get("fused"))
         self.peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
         self.step = 0
         self.skipped_in_row = 0
+        self.unsettled = None  # (step, finite flag, loss parts, MoE losses) of the last step, not yet read
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -61,6 +66,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.cfg.cuda_graphs:  # the graphs' outputs of the previous call are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         batch = batch.to(self.device, non_blocking=True)
         with self.autocast():
             return self.model(batch[:, :-1], batch[:, 1:])
@@ -77,50 +84,53 @@ class Trainer:
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v / self.accumulation
         sums = self.grad_sync.average(sums)  # means over the data-parallel ranks: every rank skips alike
-        # wait for the reduction; the clipping factor (1 when train.clip_grad=0)
-        grad_norm, factor = self.grad_sync.finish(self.cfg.clip_grad, scale=not self.fused)
+        # wait for the reduction; the clipping factor (1 when train.clip_grad=0), applied by AdamW as its
+        # grad_scale (no separate pass over the gradients)
+        grad_norm, factor = self.grad_sync.finish(self.cfg.clip_grad, scale=False)
         sums["grad_norm"] = grad_norm
-        applied = bool(torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm))  # the step's one host sync
+        finite = torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
         with self.master_weights():
-            if applied:
-                self.optimizer_step(factor)
-                self.skipped_in_row = 0
+            # fused AdamW divides the gradients by grad_scale, and where found_inf is set leaves the parameters,
+            # its states and its step count as they were
+            self.optimizer.grad_scale = factor.reciprocal()
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if not applied:
-            self.skipped_in_row += 1
-            self.report_skip(sums)
-        self.model.end_step(applied)  # per-step state of the MoE layers (expert bias, global aux counts)
+        moe_losses = self.model.moe_stats.step_losses.clone()  # for the skip report; end_step clears them
+        self.model.end_step(finite)  # per-step state of the MoE layers (expert bias, global aux counts)
         self.step += 1
+        previous, self.unsettled = self.unsettled, (self.step, finite, sums, moe_losses)
+        if previous is not None:
+            self.settle(previous)
         return sums
+
+    def settle(self, pending=None) -> None:
+        """Read a step's finite flag on the host (default: the last step's): count and report a skipped step;
+        stop the run with TrainingDiverged after train.max_skipped in a row."""
+        if pending is None:
+            pending, self.unsettled = self.unsettled, None
+            if pending is None:
+                return
+        step, finite, sums, moe_losses = pending
+        if bool(finite):  # the host sync, one step behind the queue
+            self.skipped_in_row = 0
+            return
+        self.skipped_in_row += 1
+        vals = {k: float(v) for k, v in sums.items()}
+        suspects = [f"{k}={v}" for k, v in vals.items() if not math.isfinite(v)]
+        suspects += self.model.moe_stats.nonfinite(moe_losses)
+        if self.ps.is_main:
+            print(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped_in_row} in a row): "
+                  f"{vals}; suspects: {'; '.join(suspects) or 'none found'}", flush=True)
+        if self.skipped_in_row >= self.cfg.max_skipped:
+            raise TrainingDiverged(f"{self.skipped_in_row} non-finite steps in a row (train.max_skipped="
+                                   f"{self.cfg.max_skipped}) up to step {step}; stopping without saving. Lower "
+                                   "train.lr, or check the data, then resume from the last checkpoint.")
 
     def master_weights(self):
         """The parameters as fp32 masters (train/precision.py) for the optimizer and checkpoints; as they are
         without master weights."""
         return self.weights.masters() if self.weights is not None else contextlib.nullcontext()
-
-    def optimizer_step(self, factor: torch.Tensor) -> None:
-        if self.fused:  # AdamW divides the gradients by grad_scale; found_inf (a device flag) stays 0
-            self.optimizer.grad_scale = factor.reciprocal()
-            self.optimizer.found_inf = torch.zeros_like(factor)
-        self.optimizer.step()
-
-    def report_skip(self, sums: dict) -> None:
-        """Print the skipped step and its suspects; stop the run with TrainingDiverged after train.max_skipped
-        in a row."""
-        vals = {k: float(v) for k, v in sums.items()}
-        suspects = self.skip_suspects(vals)
-        if self.ps.is_main:
-            print(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.skipped_in_row} in a "
-                  f"row): {vals}; suspects: {'; '.join(suspects) or 'none found'}", flush=True)
-        if self.skipped_in_row >= self.cfg.max_skipped:
-            raise TrainingDiverged(f"{self.skipped_in_row} non-finite steps in a row (train.max_skipped="
-                                   f"{self.cfg.max_skipped}) up to step {self.step + 1}; stopping without "
-                                   "saving. Lower train.lr, or check the data, then resume from the last checkpoint.")
-
-    def skip_suspects(self, vals: dict[str, float]) -> list[str]:
-        """The non-finite loss parts and grad norm, and the MoE layers whose aux or z loss of this step is not
-        finite on this rank (local reads: no collective on the skip path)."""
-        return [f"{k}={v}" for k, v in vals.items() if not math.isfinite(v)] + self.model.moe_stats.nonfinite()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -142,6 +152,7 @@ class Trainer:
             while self.step < t.steps:
                 window.append(self.train_step(batches))
                 if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self.settle()
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     elapsed, tick = time.perf_counter() - tick, time.perf_counter()
@@ -173,6 +184,7 @@ class Trainer:
                 "lr": lr_at(self.step, self.cfg), "skipped_in_row": self.skipped_in_row}
 
     def save_checkpoint(self) -> None:
+        self.settle()  # a run that diverged by now stops without saving; skipped_in_row is current
         if self.checkpointer is not None:
             with self.master_weights():
                 self.checkpointer.save(self.step, self.model, self.optimizer, self.checkpoint_meta())
