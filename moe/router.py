@@ -71,13 +71,13 @@ def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float) -> torch.Tensor
     if T > 1:
         spread = (log_k - log_k.mean(0, keepdim=True)).std().clamp(min=1e-6)
         log_k = log_k * (sharpness / spread)
-    # The balanced assignment is log_k + row[:, None] + col[None, :] after every round, so only the two scaling
-    # vectors are iterated: each round reads log_k twice and writes [T] + [E] values, not two [T, E] updates
-    row = log_k.new_zeros(T, 1)
+    # Each round rewrites the whole [T, E] matrix. Iterating only the two scaling vectors (the assignment is
+    # log_k + row + col) writes less, but inductor compiles it to slower kernels at the paper configs' sizes
+    # (measured: benchmarks/results/2026-12-04-h200-e2e-no-sync.md)
     for _ in range(iters):
-        col = math.log(max(T, 1) / E) - torch.logsumexp(log_k + row, dim=0, keepdim=True)  # columns: T/E
-        row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)  # rows: 1
-    return log_k + row + col if iters > 0 else log_k
+        log_k = log_k - torch.logsumexp(log_k, dim=0, keepdim=True) + math.log(max(T, 1) / E)  # columns: T/E
+        log_k = log_k - torch.logsumexp(log_k, dim=1, keepdim=True)  # rows: 1
+    return log_k
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:

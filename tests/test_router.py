@@ -208,16 +208,19 @@ def test_rectify_router_is_accepted_under_expert_parallelism():
 
 
 @pytest.mark.parametrize("T,E,iters", [(300, 8, 1), (1000, 16, 30), (1, 4, 3)])
-def test_sinkhorn_equals_the_full_matrix_iteration(T, E, iters):
-    """The scaling-vector form gives the textbook iteration (normalise the whole matrix's columns, then its rows,
-    every round); after the last row step every row sums to 1, and once converged every column to T/E."""
+def test_sinkhorn_equals_the_scaling_vector_iteration(T, E, iters):
+    """The matrix iteration of moe/router.py against the same transport computed another way: only the row and
+    column scaling vectors are iterated (the assignment is log_k + row + col); after the last row step every row
+    sums to 1, and once converged every column to T/E."""
     logits = torch.randn(T, E) * 2
-    log_a = logits.clone()
+    log_k = logits.clone()
     if T > 1:
-        log_a = log_a * (12.0 / (log_a - log_a.mean(0, keepdim=True)).std())
+        log_k = log_k * (12.0 / (log_k - log_k.mean(0, keepdim=True)).std())
+    row, col = torch.zeros(T, 1), torch.zeros(1, E)
     for _ in range(iters):
-        log_a = log_a - torch.logsumexp(log_a, dim=0, keepdim=True) + math.log(T / E)
-        log_a = log_a - torch.logsumexp(log_a, dim=1, keepdim=True)
+        col = math.log(T / E) - torch.logsumexp(log_k + row, dim=0, keepdim=True)
+        row = -torch.logsumexp(log_k + col, dim=1, keepdim=True)
+    log_a = log_k + row + col
     got = sinkhorn(logits, iters, 12.0)
     torch.testing.assert_close(got, log_a, rtol=1e-5, atol=1e-4)  # fp32 rounding of values up to ~40
     torch.testing.assert_close(got.exp().sum(1), torch.ones(T))

@@ -46,7 +46,8 @@ class TrainConfig:
     master_weights: bool = True  # with bf16: bf16 weights over fp32 masters (train/precision.py); false: autocast
     compile: bool = False  # torch.compile each block (the paper configs turn it on)
     # with compile, on a GPU: replay each block's compiled forward and backward as CUDA graphs (torch.compile's
-    # mode reduce-overhead): no kernel launches from the host; needs static shapes, so not with expert parallelism
+    # mode reduce-overhead): no kernel launches from the host; needs static shapes, so not with expert parallelism,
+    # moe.backend=reference or the dynamic capacity (moe.capacity.factor=0), whose expert sizes reach the host
     cuda_graphs: bool = False
     device: str = "auto"  # auto | cpu | cuda
     max_skipped: int = 5  # consecutive non-finite steps before the run stops
@@ -164,6 +165,14 @@ class Config:
         if t.cuda_graphs and p.expert > 1:
             raise ConfigError("train.cuda_graphs", f"is true with parallel.expert={p.expert}: the all-to-all's "
                               "uneven splits change the shapes every step; set train.cuda_graphs=false")
+        m = self.moe
+        if t.cuda_graphs and m.num_experts and (m.backend == "reference" or (
+                m.backend == "padded" and m.capacity.factor == 0)):
+            raise ConfigError("train.cuda_graphs", f"is true with moe.backend={m.backend}"
+                              f"{' and moe.capacity.factor=0' if m.backend == 'padded' else ''}: its expert sizes "
+                              "are read to the host every step, which a CUDA graph cannot replay; use "
+                              "moe.backend=scatter|grouped|blocksparse (or padded with a capacity factor > 0), or "
+                              "set train.cuda_graphs=false")
         t.accumulation(world_size // p.tensor)  # batches are split over every rank of one tensor-parallel position
 
     def to_dict(self) -> dict:

@@ -27,7 +27,6 @@ slower on the GPU: its registers forced 128x128 tiles where the plain GEMM runs 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -252,24 +251,20 @@ def _rows_key(num_rows: int) -> int:
     return next_pow2(max(num_rows, 1))
 
 
-@functools.lru_cache
-def _dummy(device: torch.device) -> torch.Tensor:
-    """A pointer for the operands a kernel variant does not touch."""
-    return torch.empty(1, dtype=torch.float32, device=device)
-
-
 def _launch_mm(x, w, w_2, y, h, a, order, counts, top_k, num_rows, K, N,
                scatter_in, scatter_out, epi, glu, config: triton.Config | None = None):
     """Launches `_scatter_mm_kernel`, autotuned, or with `config` (for benchmarks/sweep_scatter.py)."""
     E = w.shape[0]
-    dummy = _dummy(x.device)
     grid = lambda meta: ((cdiv(num_rows, meta["BM"]) + E) * cdiv(N, meta["BN"]),)
     rows_key = _rows_key(num_rows)
     key = (rows_key, N, K, scatter_in, scatter_out, epi.value, glu, x.dtype, w.dtype)
     launch_tuned(
         _scatter_mm_kernel, grid, key,
-        (x, w, dummy if w_2 is None else w_2, dummy if y is None else y, dummy if h is None else h,
-         dummy if a is None else a, order, counts),
+        # an operand a variant does not touch gets a stand-in of the dtype it would have (x for the activations,
+        # w for w_2): no extra specialisation, and no cached device tensor, which would be allocated inside the
+        # CUDA graph pool at the first call under train.cuda_graphs and break its accounting
+        (x, w, w if w_2 is None else w_2, x if y is None else y, x if h is None else h, x if a is None else a,
+         order, counts),
         (num_rows, rows_key, N, K, top_k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
          0 if y is None else y.stride(0), 0 if h is None else h.stride(0), 0 if a is None else a.stride(0)),
         dict(E=E, E_POW2=next_pow2(E), SCATTER_IN=scatter_in, SCATTER_OUT=scatter_out, EPI=epi.value, GLU=glu,
