@@ -209,7 +209,7 @@ def _poison_metadata(folder: Path) -> None:
     (lambda f: (f / "meta.json").write_text("[12]"), "meta.json", "holds a list"),
     (lambda f: (f / "rng-0.json").write_bytes(b"\xff\xfe\x00binary"), "rng-0.json", "is not valid JSON"),
     (lambda f: (f / "rng-0.json").write_text('{"python": 1}'), "rng-0.json", "lacks the generator states"),
-    (_poison_metadata, ".metadata", "holds a pickled io.open, which DCP metadata never holds"),
+    (_poison_metadata, ".metadata", f"holds a pickled {open.__module__}.open, which DCP metadata never holds"),
 ], ids=["meta-syntax", "meta-empty", "meta-no-layout", "meta-list", "rng-binary", "rng-fields", "pickle-payload"])
 def test_damaged_file_with_a_consistent_manifest_is_named(copied, capsys, damage, names, message):
     """Each file the loader reads, damaged and the manifest rewritten to match: one CheckpointError naming the
