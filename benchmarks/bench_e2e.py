@@ -8,7 +8,7 @@ compilation), and reports steady-state tokens/s, step time, TFLOP/s, MFU, peak m
 the ratio of step times against the first config. Defaults: the paper's vocabulary (--vocab 51200, as
 data.vocab_divisible_by on the embedded corpus), compiled blocks on a GPU (--no-compile for eager), and on a GPU
 the baseline of benchmarks/minimal_gpt.py with the first config's sizes, timed in the same job
-(--no-baseline to skip it). Writes <date>-<device>-e2e.json and .md under --out.
+(--no-baseline to skip it). Writes <date>-<device>-e2e.json and .md under --out, again after every run.
 """
 from __future__ import annotations
 
@@ -84,33 +84,39 @@ def main():
     args.baseline = cuda if args.baseline is None else args.baseline
     device = torch.cuda.get_device_name() if cuda else "cpu"
     specs = args.configs.split(",")
-    rows = [run_one(name, args) for name in specs]
+    jobs = [lambda spec=spec: run_one(spec, args) for spec in specs]
     if args.baseline:
-        rows.append(run_baseline(specs[0], args))
+        jobs.append(lambda: run_baseline(specs[0], args))
+    rows = []
+    for job in jobs:  # the files are rewritten after every run: a job stopped by a time limit keeps what ran
+        rows.append(job())
+        write_results(rows, device, args)
+
+
+def write_results(rows: list[dict], device: str, args) -> None:
+    """Print the table of `rows` (failed runs last) and write it with the JSON under --out."""
+    done = [r for r in rows if "error" not in r]
     failed = [r for r in rows if "error" in r]
-    rows = [r for r in rows if "error" not in r]
-    base = rows[0]["step_time_s"]
     lines = [f"# End-to-end throughput, {device}, {datetime.date.today()}", "",
              f"steps {args.steps}, micro batch {args.micro_batch}, compile {args.compile}, vocabulary {args.vocab}, "
              f"overrides `{' '.join(args.set)}`; medians over log intervals after the first.", "",
              "| config | tokens/s | step s | step time vs first | TFLOP/s | MFU | peak GiB | loss first -> last |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in done:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         tflops = f"{r['tflops']:.1f}" if r["tflops"] is not None else "-"
         lines.append(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
-                     f"{r['step_time_s'] / base:.2f} | {tflops} | {mfu} | {r['peak_mem_gib']:.1f} | "
-                     f"{r['first_loss']:.2f} -> {r['final_loss']:.2f} |")
+                     f"{r['step_time_s'] / done[0]['step_time_s']:.2f} | {tflops} | {mfu} | "
+                     f"{r['peak_mem_gib']:.1f} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} |")
     lines += [f"| {r['config']} | failed | | | | | | |" for r in failed]
     table = "\n".join(lines)
-    print(table)
+    print(table, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today()}-{device.replace(' ', '_')}-e2e"
-    (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": rows + failed, "args": vars(args)},
+    (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": done + failed, "args": vars(args)},
                                                  indent=1))
     (out / f"{stem}.md").write_text(table + "\n")
-
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
