@@ -84,12 +84,10 @@ def main():
     args.baseline = cuda if args.baseline is None else args.baseline
     device = torch.cuda.get_device_name() if cuda else "cpu"
     specs = args.configs.split(",")
-    jobs = [lambda spec=spec: run_one(spec, args) for spec in specs]
-    if args.baseline:
-        jobs.append(lambda: run_baseline(specs[0], args))
+    runs = [(run_one, spec) for spec in specs] + ([(run_baseline, specs[0])] if args.baseline else [])
     rows = []
-    for job in jobs:  # the files are rewritten after every run: a job stopped by a time limit keeps what ran
-        rows.append(job())
+    for run, spec in runs:  # the files are rewritten after every run: a job stopped by a time limit keeps what ran
+        rows.append(run(spec, args))
         write_results(rows, device, args)
 
 
@@ -117,6 +115,7 @@ def write_results(rows: list[dict], device: str, args) -> None:
     (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": done + failed, "args": vars(args)},
                                                  indent=1))
     (out / f"{stem}.md").write_text(table + "\n")
+
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

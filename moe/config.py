@@ -142,6 +142,13 @@ class MoEConfig:
         if str(self.layers).strip() not in ("all", "even", "odd"):
             self._listed_layers()  # the syntax here; the range against model.num_layers in moe_layer_indices
 
+    @property
+    def sizes_reach_host(self) -> bool:
+        """Whether the MoE layers read their expert sizes to the host every step (the reference backend's loop,
+        the padded backend's dynamic capacity), which a CUDA graph cannot replay."""
+        return self.num_experts > 0 and (self.backend == "reference" or (
+            self.backend == "padded" and self.capacity.factor == 0))
+
     def moe_layer_indices(self, num_layers: int) -> list[int]:
         """Block indices that hold an MoE layer."""
         if self.num_experts == 0:

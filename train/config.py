@@ -166,8 +166,7 @@ class Config:
             raise ConfigError("train.cuda_graphs", f"is true with parallel.expert={p.expert}: the all-to-all's "
                               "uneven splits change the shapes every step; set train.cuda_graphs=false")
         m = self.moe
-        if t.cuda_graphs and m.num_experts and (m.backend == "reference" or (
-                m.backend == "padded" and m.capacity.factor == 0)):
+        if t.cuda_graphs and m.sizes_reach_host:
             raise ConfigError("train.cuda_graphs", f"is true with moe.backend={m.backend}"
                               f"{' and moe.capacity.factor=0' if m.backend == 'padded' else ''}: its expert sizes "
                               "are read to the host every step, which a CUDA graph cannot replay; use "
