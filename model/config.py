@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from errors import ConfigError
 
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
 
 @dataclass
 class ModelConfig:
@@ -19,6 +21,7 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    attention_backend: str = "auto"  # auto (cudnn, flash, efficient, math: the first that runs) | one of them
 
     @property
     def ffn(self) -> int:
@@ -36,6 +39,9 @@ class ModelConfig:
             raise ConfigError("model.position", f"is {self.position!r}; use learned or rope")
         if self.position == "rope" and (self.hidden_size // self.num_heads) % 2:
             raise ConfigError("model.num_heads", "gives an odd head size, which rotary positions cannot use")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError("model.attention_backend", f"is {self.attention_backend!r}; use one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}")
         if self.activation not in ("gelu", "swiglu"):
             raise ConfigError("model.activation", f"is {self.activation!r}; use gelu or swiglu")
         if self.init_std <= 0:

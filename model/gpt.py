@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.config import ModelConfig
 from moe.config import MoEConfig
@@ -40,10 +41,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+# scaled_dot_product_attention's kernels, in the order tried. auto puts cuDNN first: on Hopper its fused attention
+# runs the causal forward+backward of the paper configs' heads (64 wide) faster than the flash kernel torch picks
+# by default (measured alone and in the compiled block: benchmarks/results/, README); the others remain for
+# where cuDNN cannot run.
+SDPA_BACKENDS = {"auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH],
+                 "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION],
+                 "efficient": [SDPBackend.EFFICIENT_ATTENTION], "math": [SDPBackend.MATH]}
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, output_std: float, layers: Layers | None = None):
         super().__init__()
         layers = layers or Layers()
+        self.backends = SDPA_BACKENDS[cfg.attention_backend]
         d = cfg.hidden_size
         self.num_heads, self.rope = cfg.num_heads // layers.tp_size, cfg.position == "rope"  # heads held here
         self.qkv = nn.Linear(d, 3 * d, bias=False)
@@ -57,7 +69,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [B, H, S, hd] each
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
+        with sdpa_kernel(self.backends, set_priority=True):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, hd]
         return self.proj(y.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import RouterConfig
+from moe.kernels import sinkhorn as sinkhorn_kernel
 from moe.positions import count_per_expert
 from moe.routing import Routing, gate_weights
 from moe.sparsemixer import sparsemixer_route
@@ -54,10 +55,11 @@ def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     return E * torch.sum(f * probs.mean(0)) if T else probs.sum()
 
 
-def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float) -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float, kernel: bool | None = None) -> torch.Tensor:
     """Log-domain Sinkhorn-Knopp (Cuturi 2013) on exp(logits) [T, E], the logits scaled to a spread over tokens
     of `sharpness`: `iters` rounds of scaling the experts' columns to T/E tokens each and the tokens' rows to 1.
-    Returns the balanced log-assignment [T, E] (fixed rounds: no host sync, unlike a tolerance loop)."""
+    Returns the balanced log-assignment [T, E] (fixed rounds: no host sync, unlike a tolerance loop). `kernel`:
+    the rounds as moe/kernels/sinkhorn.py's launches (default: on CUDA, up to its MAX_EXPERTS) or the torch loop."""
     T, E = logits.shape
     log_k = logits.float()
     # Sinkhorn balances the soft assignment, not its argmax: where many tokens have nearly the same row (a
@@ -68,12 +70,16 @@ def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float) -> torch.Tensor
     # above 3x the mean load mid-training however many rounds; 12 with 30 rounds stays under 3. The scale is
     # the tokens' spread around each expert's mean (an offset shared by all tokens, which Sinkhorn removes, is
     # left out)
+    scale = torch.ones((), device=log_k.device)
     if T > 1:
-        spread = (log_k - log_k.mean(0, keepdim=True)).std().clamp(min=1e-6)
-        log_k = log_k * (sharpness / spread)
-    # Each round rewrites the whole [T, E] matrix. Iterating only the two scaling vectors (the assignment is
-    # log_k + row + col) writes less, but inductor compiles it to slower kernels at the paper configs' sizes
-    # (measured: benchmarks/results/2026-12-04-h200-e2e-no-sync.md)
+        scale = sharpness / (log_k - log_k.mean(0, keepdim=True)).std().clamp(min=1e-6)
+    if kernel is None:
+        kernel = log_k.is_cuda and E <= sinkhorn_kernel.MAX_EXPERTS
+    if kernel and iters > 0:
+        # one launch per round, the potentials form (moe/kernels/sinkhorn.py): the compiled loop below costs
+        # several passes over [T, E] per round (measured: benchmarks/results/, README)
+        return sinkhorn_kernel.sinkhorn_rounds(log_k, scale.reshape(1), iters)
+    log_k = log_k * scale
     for _ in range(iters):
         log_k = log_k - torch.logsumexp(log_k, dim=0, keepdim=True) + math.log(max(T, 1) / E)  # columns: T/E
         log_k = log_k - torch.logsumexp(log_k, dim=1, keepdim=True)  # rows: 1

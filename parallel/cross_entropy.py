@@ -16,16 +16,64 @@ logit (on the rank that holds it, 0 elsewhere) in one all-reduce (sum), so every
 rank's dx is its partial sum over its vocabulary slice, which the head input's backward all-reduce adds up
 (parallel/layers.py `head_input`).
 
-On CUDA the per-chunk softmax and gradient run as one torch.compile'd function (bf16 logits read once for the
-row statistics and once for the gradient, no fp32 copy); on the CPU as plain torch ops.
+On CUDA with the whole vocabulary on the rank, one Triton kernel per chunk takes each row's log-sum-exp (online,
+one read) and overwrites the row with its gradient (a second read, mostly from L2); vocabulary-parallel, the row
+statistics and the gradient are two torch.compile'd functions with the all-reduces between them; on the CPU
+plain torch ops. No fp32 copy of the logits either way (the kernel against the two functions: benchmarks/
+results/, README).
 """
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 from parallel.comm import all_reduce_max, all_reduce_sum
 
 CHUNK_SIZE = 8192  # rows per chunk: [8192, 51200] bf16 logits are 0.8 GiB
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _loss_and_grad_rows(logits_ptr, target_ptr, loss_ptr, V, stride, scale, BLOCK: tl.constexpr):
+    """Row r: loss[r] = logsumexp(l_r) - l_r[t_r], then l_r <- (softmax(l_r) - onehot(t_r)) * scale, in place in
+    the logits' dtype (t_r = -1: no target column)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    t = tl.load(target_ptr + row)
+    t_logit = tl.load(base + tl.maximum(t, 0)).to(tl.float32)  # read before the row is overwritten
+    t_logit = tl.where(t >= 0, t_logit, 0.0)
+    m = float("-inf")  # the running row max; s: per-lane sums of exp(l - m)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))  # finite: every block holds a column < V
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    lse = m + tl.log(tl.sum(s, 0))
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        p = tl.exp(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) - lse)
+        tl.store(base + cols, (tl.where(cols == t, p - 1.0, p) * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + row, lse - t_logit)
+
+
+def loss_and_grad_rows(logits: torch.Tensor, local_target: torch.Tensor, scale: float, block: int = 0,
+                       num_warps: int = 8) -> torch.Tensor:
+    """Per-row loss fp32 [n] of logits [n, V] (rows contiguous) against `local_target` [n] (-1: none); the
+    logits become (softmax - onehot) * scale. The default block (4096; 64 under the interpreter, whose cost grows
+    with it) and warps: the best of benchmarks/bench_step_pieces.py's sweep on an H200."""
+    n, V = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    block = min(triton.next_power_of_2(V), block or (64 if _INTERPRET else 4096))
+    if n:
+        _loss_and_grad_rows[(n,)](logits, local_target, loss, V, logits.stride(0), scale, BLOCK=block,
+                                  num_warps=num_warps)
+    return loss
 
 
 def _row_stats(logits: torch.Tensor, local_target: torch.Tensor):
@@ -64,6 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, w, targets, first, group, chunk_size, with_grad, dtype):
         N, cuda = x.shape[0], x.is_cuda
         row_stats, grad = _fn(_row_stats, cuda), _fn(_grad, cuda)
+        one_kernel = cuda and group is None and with_grad
         ctx.dtypes = x.dtype, w.dtype
         x, w = x.to(dtype), w.to(dtype)  # the compute dtype; the gradients go back in the inputs' dtypes
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -74,17 +123,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = xc @ w.t()  # [n, V_local]
             local = targets[s:s + chunk_size] - first
             local = torch.where((local >= 0) & (local < w.shape[0]), local, -1)
-            m, sumexp, target_logit = row_stats(logits, local)
-            if group is not None:
-                local_max = m.clone()
-                all_reduce_max(m, group)
-                # the local sum of exp was taken against the local max: rescale it to the global one
-                sumexp, target_logit = all_reduce_sum(torch.stack([sumexp * torch.exp(local_max - m),
-                                                                   target_logit]), group)
-            lse = m + torch.log(sumexp)
-            loss += (lse - target_logit).sum()
+            if one_kernel:  # the loss and, in place of the logits, the gradient
+                loss += loss_and_grad_rows(logits, local, 1.0 / N).sum()
+                g = logits
+            else:
+                m, sumexp, target_logit = row_stats(logits, local)
+                if group is not None:
+                    local_max = m.clone()
+                    all_reduce_max(m, group)
+                    # the local sum of exp was taken against the local max: rescale it to the global one
+                    sumexp, target_logit = all_reduce_sum(torch.stack([sumexp * torch.exp(local_max - m),
+                                                                       target_logit]), group)
+                lse = m + torch.log(sumexp)
+                loss += (lse - target_logit).sum()
+                g = grad(logits, local, lse, 1.0 / N) if with_grad else None
             if with_grad:
-                g = grad(logits, local, lse, 1.0 / N)
                 dx[s:s + chunk_size] = g @ w
                 if cuda:  # one cuBLAS call: bf16 inputs accumulated into the fp32 dw (beta = 1)
                     dw = torch.addmm(dw, g.t(), xc, out_dtype=torch.float32)

@@ -614,12 +614,15 @@ def _expected_slice(p: torch.Tensor, full: torch.Tensor, ps) -> torch.Tensor:
     return full if spec is None else spec.local_slice(full)
 
 
-def _reshard_worker(rank: int, size: int, tmp: Path, port: int) -> None:
+def _reshard_worker(rank: int, size: int, tmp: Path, port: int, threads: int) -> None:
     """On each of `size` gloo ranks: load the one-process checkpoints into this rank's slices (the toy through its
     tags; the GPT under tensor and expert parallelism through the parallel layers' tags), check
-    them against the one-process state, and save them split over the ranks."""
+    them against the one-process state, and save them split over the ranks. `threads`: the parent's CPU threads,
+    so that the one-process reference recomputed here rounds as the saved one did (a spawned process starts
+    with one thread per core: the GPU machine's 16 against the suite's 2 gave other bits)."""
     from parallel.factory import build_layers
     from parallel.state import build_state
+    torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
     try:
@@ -665,7 +668,7 @@ def test_checkpoints_move_between_layouts(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_reshard_worker, args=(2, tmp_path, port), nprocs=2)
+    torch.multiprocessing.spawn(_reshard_worker, args=(2, tmp_path, port, torch.get_num_threads()), nprocs=2)
     meta = json.loads((tmp_path / "two" / "step-1" / "meta.json").read_text())
     assert meta["layout"]["world_size"] == 2 and {"rng-0.json", "rng-1.json"} <= set(
         json.loads((tmp_path / "two" / "step-1" / "manifest.json").read_text())["files"])

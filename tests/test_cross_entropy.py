@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.cross_entropy import linear_cross_entropy
+from conftest import interpreted
+from parallel.cross_entropy import _grad, _row_stats, linear_cross_entropy, loss_and_grad_rows
 
 
 def plain(x, w, targets):
@@ -52,3 +53,20 @@ def test_no_gradient_work_without_grad():
         loss = linear_cross_entropy(x, w, targets, torch.float32, chunk_size=4)
     torch.testing.assert_close(loss, plain(x, w, targets).detach())
     assert loss.grad_fn is None
+
+
+@interpreted
+@pytest.mark.parametrize("n,V", [(6, 300), (3, 53), (4, 128)])  # a ragged last block, one short block, two whole
+def test_one_kernel_loss_and_gradient_rows_equal_the_two_functions(n, V):
+    """The CUDA path's Triton kernel (under the interpreter, fp32) against the functions of the vocabulary-parallel
+    and CPU paths, on fresh logits; targets in the first and the last column, and -1 (not in this slice)."""
+    logits = torch.randn(n, V) * 3
+    target = torch.randint(0, V, (n,))
+    target[0], target[1], target[-1] = V - 1, 0, -1
+    m, s, t = _row_stats(logits, target)
+    lse = m + torch.log(s)
+    want_grad = _grad(logits, target, lse, 0.25)
+    got = logits.clone()
+    loss = loss_and_grad_rows(got, target, 0.25)
+    torch.testing.assert_close(loss, lse - t, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got, want_grad, rtol=1e-5, atol=1e-7)

@@ -1,6 +1,6 @@
 """The Triton kernels compiled on the GPU: compiled-kernel replay (moe/kernels/launch.py), the counting sort, the
-scatter experts and the gated combine against the reference, and a compiled model. Skipped without a GPU (CI);
-on a GPU `bash scripts/test.sh` runs them (tests/conftest.py decides)."""
+scatter experts, the Sinkhorn rounds, the LM loss and the gated combine against the reference, and a compiled
+model. Skipped without a GPU (CI); on a GPU `bash scripts/test.sh` runs them (tests/conftest.py decides)."""
 import math
 
 import pytest
@@ -129,6 +129,43 @@ def test_pretrain_with_cuda_graphs_equals_compiled(tmp_path):
         assert error is None, error
         losses[graphs] = [r["loss"] for r in recs]
     assert len(losses[True]) == 6 and losses[True] == pytest.approx(losses[False], rel=2e-2), losses
+
+
+@pytest.mark.parametrize("T,E,iters", [(65536, 64, 30), (4097, 8, 3), (1, 64, 2), (300, 1024, 1)])
+def test_sinkhorn_kernel_on_cuda_equals_the_torch_loop(T, E, iters):
+    """moe/kernels/sinkhorn.py against the torch loop of moe/router.py, both on the GPU, eager and with the
+    router's function compiled (the launcher is an opaque custom op there)."""
+    from moe.router import sinkhorn
+
+    logits = torch.randn(T, E, device="cuda") * 2
+    ref = sinkhorn(logits, iters, 12.0, kernel=False)
+    compiled = torch.compile(lambda x: sinkhorn(x, iters, 12.0, kernel=True), fullgraph=True, dynamic=False)
+    for got in (sinkhorn(logits, iters, 12.0, kernel=True), compiled(logits)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=5e-4)
+        picked = ref.gather(1, got.argmax(1)[:, None])[:, 0]
+        assert torch.all(picked >= ref.amax(1) - 1e-3)
+
+
+@pytest.mark.parametrize("N,V,chunk", [(4096, 51200, 1024), (1000, 1000, 300)])
+def test_lm_loss_on_cuda_equals_the_fp32_plain_path(N, V, chunk):
+    """linear_cross_entropy on the GPU in bf16 (one Triton kernel per chunk between the GEMMs) against the plain
+    fp32 logits and F.cross_entropy: the loss and the gradients of the hidden states and the head weight."""
+    import torch.nn.functional as F
+
+    from parallel.cross_entropy import linear_cross_entropy
+
+    d = 256
+    x0, w0 = torch.randn(N, d, device="cuda"), torch.randn(V, d, device="cuda") * 0.05
+    targets = torch.randint(0, V, (N,), device="cuda")
+    out = []
+    for fused in (False, True):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = (linear_cross_entropy(x, w, targets, torch.bfloat16, chunk_size=chunk) if fused
+                else F.cross_entropy(x @ w.t(), targets))
+        loss.backward()
+        out.append((loss.detach(), x.grad, w.grad))
+    for want, got in zip(*out):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 def test_gated_combine_on_cuda_equals_the_torch_combine():

@@ -52,6 +52,34 @@ def test_causal():
     assert torch.equal(h1[0, :10], emb["h"][0, :10]) and not torch.equal(h1[0, 10:], emb["h"][0, 10:])
 
 
+def test_attention_backends_give_the_same_loss_and_gradients():
+    """model.attention_backend picks scaled_dot_product_attention's kernel (model/gpt.py SDPA_BACKENDS: every name
+    the config accepts); on the CPU auto and flash run torch's CPU kernel, math the plain one: the same loss and
+    gradients; cudnn alone has no CPU kernel, so it fails there (the key reaches the kernel choice). A name
+    that is not a backend is a config error naming the choices."""
+    from errors import ConfigError
+    from model.config import ATTENTION_BACKENDS
+    from model.gpt import SDPA_BACKENDS
+
+    assert set(SDPA_BACKENDS) == set(ATTENTION_BACKENDS)
+    tokens = torch.randint(0, 64, (2, 17))
+    runs = {}
+    for name in ("math", "auto", "flash"):
+        cfg = load_config("configs/tiny.yaml", ["moe.num_experts=0", f"model.attention_backend={name}"])
+        torch.manual_seed(0)
+        model = GPT(cfg.model, cfg.moe, 64, 16)
+        loss, _ = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        runs[name] = loss.detach(), model.blocks[0].attn.qkv.weight.grad
+    for name in ("auto", "flash"):
+        torch.testing.assert_close(runs[name], runs["math"], rtol=1e-5, atol=1e-6)
+    cfg = load_config("configs/tiny.yaml", ["moe.num_experts=0", "model.attention_backend=cudnn"])
+    with pytest.raises(RuntimeError):  # "No viable backend" (torch 2.13), "No available kernel" (older)
+        GPT(cfg.model, cfg.moe, 64, 16)(tokens[:, :-1], tokens[:, 1:])
+    with pytest.raises(ConfigError, match="model.attention_backend.*auto, cudnn"):
+        load_config("configs/tiny.yaml", ["model.attention_backend=fast"])
+
+
 def test_reference_moe_by_hand():
     """E=2, d=f=2, top-1. Expert e computes b_e * gelu(a_e * x) (diagonal weights); the router picks by sign."""
     cfg = MoEConfig(num_experts=2, top_k=1, backend="reference")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moe.stats as stats_mod
+from conftest import interpreted
 from errors import ConfigError
 from model.config import ModelConfig
 from model.gpt import GPT
@@ -226,6 +227,35 @@ def test_sinkhorn_equals_the_scaling_vector_iteration(T, E, iters):
     torch.testing.assert_close(got.exp().sum(1), torch.ones(T))
     if iters == 30:
         torch.testing.assert_close(got.exp().sum(0), torch.full((E,), T / E), rtol=0.02, atol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("T,E,iters", [(37, 5, 30), (300, 64, 3), (129, 16, 1), (1, 4, 3), (64, 3, 30)])
+def test_sinkhorn_kernel_equals_the_matrix_iteration(T, E, iters):
+    """The one-launch-per-round kernel (potentials, partial column statistics per band of rows) against the torch
+    loop on fresh logits: rows that are not a multiple of the kernel's tile, experts that are not a power of two,
+    one token, one round; then the same with an offset shared by every token, larger than their spread (at
+    initialisation, moe/router.py's docstring)."""
+    logits = torch.randn(T, E) * 2
+    ref = sinkhorn(logits, iters, 12.0, kernel=False)
+    got = sinkhorn(logits, iters, 12.0, kernel=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-4)  # both fp32; the loop rounds at each rewrite
+    picked = ref.gather(1, got.argmax(1)[:, None])[:, 0]  # the kernel's pick is the loop's, up to near-ties
+    assert torch.all(picked >= ref.amax(1) - 1e-3)
+    shared = 2 * torch.randn(1, E) + 0.1 * torch.randn(T, E)
+    torch.testing.assert_close(sinkhorn(shared, iters, 12.0, kernel=True),
+                               sinkhorn(shared, iters, 12.0, kernel=False), rtol=1e-5, atol=1e-3)
+
+
+@interpreted
+def test_sinkhorn_kernel_edge_cases():
+    from moe.kernels.sinkhorn import MAX_EXPERTS, sinkhorn_rounds
+
+    assert sinkhorn_rounds(torch.zeros(0, 8), torch.ones(1), 3).shape == (0, 8)
+    with pytest.raises(ValueError, match="iters >= 1"):
+        sinkhorn_rounds(torch.zeros(4, 8), torch.ones(1), 0)
+    with pytest.raises(ValueError, match=f"at most {MAX_EXPERTS} experts"):
+        sinkhorn_rounds(torch.zeros(4, MAX_EXPERTS + 1), torch.ones(1), 1)
 
 
 def test_sinkhorn_balances_the_argmax_of_clustered_tokens_only_when_sharp():
