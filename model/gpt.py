@@ -42,9 +42,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # scaled_dot_product_attention's kernels, in the order tried. auto puts cuDNN first: on Hopper its fused attention
-# runs the causal forward+backward of the paper configs' heads (64 wide) faster than the flash kernel torch picks
-# by default (measured alone and in the compiled block: benchmarks/results/, README); the others remain for
-# where cuDNN cannot run.
+# runs the causal forward+backward of the paper configs' heads (64 wide) faster than flash (measured alone and in
+# the compiled block: benchmarks/results/, README). Recent torch already prefers it there when cuDNN is new
+# enough; auto makes that choice independent of torch's heuristic, and the other names force one kernel (flash,
+# say, where a cuDNN version misbehaves).
 SDPA_BACKENDS = {"auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                           SDPBackend.MATH],
                  "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION],
