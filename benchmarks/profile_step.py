@@ -28,11 +28,12 @@ from train.config import load_config  # noqa: E402
 # operator (mapped to its forward operator by sequence number), then the operator's own kind.
 LM_LOSS = "lm_loss"  # model/gpt.py's label around the fused LM head + cross-entropy
 BACKWARD = "autograd::engine::evaluate_function"
+ROUTING = "router and routing bookkeeping"
+ROUTING_OPS = ("moetron::sinkhorn_rounds",)  # the router's own custom ops (the other moetron:: ops are the MoE's)
 KINDS = [(("attention", "flash", "sdpa", "fmha"), "attention"),
          (("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::linear"),
           "GEMMs in the blocks (projections, router, dense MLP, grouped experts)"),
-         (("layer_norm",), "layer norms"), (("topk", "softmax", "sort", "bincount", "histc", "scatter_add"),
-                                           "router and routing bookkeeping"),
+         (("layer_norm",), "layer norms"), (("topk", "softmax", "sort", "bincount", "histc", "scatter_add"), ROUTING),
          (("embedding",), "embedding"), (("triton_",), "fused elementwise in the compiled blocks")]
 
 
@@ -54,6 +55,8 @@ def phase_of(own: str, context: list[str]) -> str:
         return "gradient clip"
     if LM_LOSS in context:
         return "LM head + loss"
+    if any(n.startswith(ROUTING_OPS) for n in context):
+        return ROUTING
     if any(n.startswith("moetron::") for n in context):
         return "MoE kernels (experts, dispatch, combine)"
     for fragments, phase in KINDS:

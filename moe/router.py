@@ -86,6 +86,15 @@ def sinkhorn(logits: torch.Tensor, iters: int, sharpness: float, kernel: bool | 
     return log_k
 
 
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk over the last dim -> (values, indices) [T, k]; k = 1 as a max, one reduction that torch.compile
+    fuses (torch.topk's k = 1 kernel on the [65536, 64] fp32 scores of MoE-XS took 140 us a call in the step's
+    profile, benchmarks/results/, README)."""
+    if k == 1:
+        return x.max(dim=-1, keepdim=True)
+    return torch.topk(x, k, dim=-1)
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2."""
     return torch.logsumexp(logits, dim=-1).square().mean()
@@ -122,9 +131,9 @@ class TopKRouter(nn.Module):
                 else:
                     choose_by = probs + self.expert_bias if cfg.expert_bias_rate > 0 else None
             if choose_by is None:
-                weights, expert_ids = torch.topk(probs, k, dim=-1)  # [T, k]
+                weights, expert_ids = top_k(probs, k)  # [T, k]
             else:  # the weights stay the unbiased probabilities of the chosen experts
-                expert_ids = torch.topk(choose_by, k, dim=-1).indices  # [T, k]
+                expert_ids = top_k(choose_by, k)[1]  # [T, k]
                 weights = probs.gather(1, expert_ids)
             weights = gate_weights(weights, cfg.renormalize, cfg.straight_through)
         counts = count_per_expert(expert_ids, E)  # [E]

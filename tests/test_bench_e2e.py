@@ -1,4 +1,4 @@
-"""benchmarks/bench_e2e.py on the CPU: a run that trains and one that fails, in one job."""
+"""benchmarks/bench_e2e.py on the CPU: a run that trains and one that fails, in one job; profile_step.py's phases."""
 import json
 import math
 import subprocess
@@ -25,3 +25,15 @@ def test_bench_e2e_tables_a_run_and_a_failed_one(tmp_path):
     assert "exited with 2" in bad["error"], bad  # pretrain.py's configuration-error exit
     table = md.read_text().splitlines()
     assert table[-2].startswith("| tiny | ") and table[-1] == "| tiny@moe.backend=magic | failed | | | | | | |"
+
+
+def test_profile_phases_put_the_sinkhorn_pick_in_the_router():
+    """benchmarks/profile_step.py's phases from names: the router's Sinkhorn op is routing, the other moetron ops
+    the MoE's, and the enclosing labels (optimizer, LM loss) come first."""
+    from benchmarks.profile_step import ROUTING, phase_of
+
+    assert phase_of("_sinkhorn_round", ["_sinkhorn_round", "moetron::sinkhorn_rounds"]) == ROUTING
+    assert phase_of("_scatter_mm_kernel", ["moetron::scatter_mm"]) == "MoE kernels (experts, dispatch, combine)"
+    assert phase_of("aten::mm", ["aten::mm", "lm_loss"]) == "LM head + loss"
+    assert phase_of("aten::_fused_adamw_", ["Optimizer.step#AdamW.step"]) == "optimizer"
+    assert phase_of("aten::topk", []) == ROUTING and phase_of("aten::mm", []).startswith("GEMMs")

@@ -3,6 +3,7 @@ eager losses and gradients, and no graph breaks inside a block."""
 import pytest
 import torch
 import torch._dynamo
+import torch._inductor.exc
 
 from conftest import interpreted
 from model.config import ModelConfig
@@ -12,6 +13,11 @@ from moe.config import CapacityConfig, KernelConfig, MoEConfig, RouterConfig
 BACKENDS = {"reference": {}, "grouped": {}, "padded": {"capacity": CapacityConfig(factor=1.0)},
             "scatter": {}, "blocksparse": {"kernels": KernelConfig(block_size=16)}}
 PARAMS = [pytest.param(b, marks=interpreted) if b in ("scatter", "blocksparse") else b for b in BACKENDS]
+# torch 2.11's C++ inductor (the GPU machine's torch, on its CPU) divides by a size hint of 0 for one of the
+# reference backend's data-dependent per-expert sizes (ZeroDivisionError in cpp.py's decide_parallel_depth);
+# torch 2.13 compiles it. The reference backend compiles on CUDA under 2.11 (tests/test_cuda_kernels.py).
+OLD_CPU_INDUCTOR = pytest.mark.xfail(torch.__version__ < (2, 13), raises=torch._inductor.exc.InductorError,
+                                     reason="torch < 2.13: C++ inductor's division by a zero size hint")
 
 
 def tiny(backend):
@@ -29,7 +35,7 @@ def test_block_has_no_graph_break(backend):
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
 
 
-@pytest.mark.parametrize("backend", PARAMS)
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=OLD_CPU_INDUCTOR), *PARAMS[1:]])
 def test_compiled_training_steps_equal_eager(backend):
     """Three AdamW steps of the tiny model, eager and with compiled blocks: the same losses, and the same
     gradients of the first step."""

@@ -245,9 +245,10 @@ def test_training_step_reads_back_only_the_previous_steps_finite_flag(tmp_path):
     ps = ParallelState(device=torch.device("cuda", torch.cuda.current_device()))
     trainer = Trainer(cfg.train, plan_run(cfg, 1), model, FakeData(), ps, MetricsLogger(tmp_path, enabled=False),
                       GradSync(model, ps))
-    data = FakeData()
-    data.tokens = data.tokens.cuda()  # the loader's pinned copy is not what is tested here
-    batches = data.train_batches(0, cfg.train.micro_batch_size, trainer.accumulation)
+    # two steps of micro-batches already on the GPU: the loader's pinned copy is not what is tested here (and
+    # indexing GPU tokens with FakeData's CPU indices would copy the indices, a sync of its own)
+    stream = FakeData().train_batches(0, cfg.train.micro_batch_size, trainer.accumulation)
+    batches = iter([next(stream).cuda() for _ in range(2 * trainer.accumulation)])
     trainer.train_step(batches)  # compiles and tunes, which may synchronise
     torch.cuda.synchronize()
     read = []

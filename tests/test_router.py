@@ -12,7 +12,7 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from moe.config import CapacityConfig, MoEConfig, RouterConfig
 from moe.layer import MoELayer
-from moe.router import TopKRouter, load_balance_loss, sinkhorn, z_loss
+from moe.router import TopKRouter, load_balance_loss, sinkhorn, top_k, z_loss
 from moe.stats import MoEStats
 from parallel.state import ParallelState
 
@@ -338,3 +338,17 @@ def test_sinkhorn_cancels_an_offset_shared_by_all_tokens():
     torch.testing.assert_close(out.weights, out.probs.gather(1, out.expert_ids))
     r.eval()
     assert r(x).counts.max() > 0.9 * T
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_equals_torch_topk_with_its_gradient(k):
+    """The router's pick (a max for k = 1) gives torch.topk's values, indices and gradient on fresh scores."""
+    x = torch.randn(257, 16, requires_grad=True)
+    values, ids = top_k(x, k)
+    want_values, want_ids = torch.topk(x, k, dim=-1)
+    assert ids.shape == (257, k) and torch.equal(ids, want_ids)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0)
+    g = torch.randn(257, k)
+    (got,) = torch.autograd.grad(values, x, g)
+    (want,) = torch.autograd.grad(want_values, x, g)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
