@@ -20,27 +20,10 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_step_pieces import time_ms  # noqa: E402
+from benchmarks.host_overhead import captured  # noqa: E402
 from moe.kernels import sinkhorn as kernel  # noqa: E402
 from moe.router import sinkhorn  # noqa: E402
-
-
-def time_ms(fn, reps: int, graph: bool) -> float:
-    for _ in range(3):
-        fn()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def bench_tokens(T: int, a) -> list[dict]:
@@ -59,7 +42,7 @@ def bench_tokens(T: int, a) -> list[dict]:
         err = (fn() - ref).abs().max().item()
         row = {"tokens": T, "experts": a.experts, "iters": a.iters, "variant": name, "shape": shape,
                "default": shape == kernel.DEFAULT, "max_abs_err": err,
-               "eager_ms": time_ms(fn, a.reps, False), "graph_ms": time_ms(fn, a.reps, True)}
+               "eager_ms": time_ms(fn, a.reps), "graph_ms": time_ms(captured(fn), a.reps)}
         row["graph_gbps"] = nbytes / row["graph_ms"] / 1e6
         rows.append(row)
         print(f"{T} {name}: eager {row['eager_ms']:.3f} ms, graph {row['graph_ms']:.3f} ms "

@@ -248,6 +248,21 @@ def test_sinkhorn_kernel_equals_the_matrix_iteration(T, E, iters):
 
 
 @interpreted
+@pytest.mark.parametrize("T,E", [(300, 16), (5, 1), (3, 64)])
+def test_sinkhorn_kernel_balances_an_expert_every_token_avoids(T, E):
+    """One expert 50 spreads below the rest for every token: exp of its scaled scores underflows in fp32, which
+    the kernel's first launch (a running maximum per column) must survive before its later rounds drop the
+    maximum. The result is the loop's, and finite; also one expert, and fewer tokens than experts."""
+    logits = torch.randn(T, E)
+    logits[:, E // 2] -= 50
+    got = sinkhorn(logits, 30, 12.0, kernel=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, sinkhorn(logits, 30, 12.0, kernel=False), rtol=1e-5, atol=1e-3)
+    starved = got[:, E // 2].exp().sum()  # the avoided expert gets its share of the balanced assignment
+    torch.testing.assert_close(starved, torch.tensor(T / E), rtol=0.05, atol=0)
+
+
+@interpreted
 def test_sinkhorn_kernel_edge_cases():
     from moe.kernels.sinkhorn import MAX_EXPERTS, sinkhorn_rounds
 
