@@ -4,11 +4,13 @@ summarised and drawn.
     python benchmarks/quality.py                                   # every variant, seeds 1,2, on a GPU
     python benchmarks/quality.py --variants top1-dropless,top1-cf1 --seeds 1,2,3 --steps 1000
     python benchmarks/quality.py --smoke                           # CPU, toy size, under 2 minutes
+    python benchmarks/quality.py --base configs/moe_xs.yaml --variants dense,top1-dropless --seeds 1 \
+        --steps 954 --set train.global_batch_size=512 moe.backend=scatter    # MoE-XS and its twin, 500M tokens
 
 The base is configs/quality.yaml (4 layers, hidden 256, 16 experts, sequences of 256, 500 steps of 64 x 256
-tokens, lr 1e-3 cosine); each variant is a few dotted overrides of it (VARIANTS). Every variant x seed runs
-pretrain.py in a process of its own (benchmarks/pretrain_runs.py) into <run-root>/<variant>-s<seed>, logging 100
-times and validating 20 times per run. Data: the held-out English corpus (corpus/english/, built by
+tokens, lr 1e-3 cosine), or --base; each variant is a few dotted overrides of it (VARIANTS). Every variant x
+seed runs pretrain.py in a process of its own (benchmarks/pretrain_runs.py) into <run-root>/<variant>-s<seed>,
+logging 100 times and validating 20 times per run. Data: the held-out English corpus (corpus/english/, built by
 `scripts/prepare_corpus.py --corpus english`: trains on its train split, validates on its valid split) when it is
 there, else the embedded Shakespeare (validation cut by data.split); --corpus chooses. Then writes the summary
 (final validation loss, mean ± std and range over seeds, tokens, wall time, tokens/s, dropped fraction) as
@@ -78,10 +80,11 @@ class Job:
     seed: int
     run_dir: Path
     overrides: list[str]
+    base: Path = BASE
 
     @property
     def command(self) -> list[str]:
-        return pretrain_command(BASE, self.overrides, self.run_dir)
+        return pretrain_command(self.base, self.overrides, self.run_dir)
 
 
 def corpus_of(choice: str) -> str:
@@ -112,7 +115,8 @@ def build_grid(args) -> list[Job]:
     steps = args.steps
     common = [*(SMOKE if args.smoke else []), *CORPORA[corpus_of(args.corpus)]]
     return [Job(name, seed, Path(args.run_root) / f"{name}-s{seed}",
-                [*common, *VARIANTS[name], f"train.seed={seed}", f"train.steps={steps}", *intervals(steps), *args.set])
+                [*common, *VARIANTS[name], f"train.seed={seed}", f"train.steps={steps}", *intervals(steps), *args.set],
+                Path(args.base).resolve())
             for name in names for seed in seeds]
 
 
@@ -123,7 +127,7 @@ def finished(job: Job) -> bool:
         records = read_metrics(job.run_dir / "metrics.jsonl")
     except (OSError, yaml.YAMLError, MetricsError):
         return False
-    want = load_config(BASE, [*job.overrides, f"logging.run_dir={job.run_dir.resolve()}",
+    want = load_config(job.base, [*job.overrides, f"logging.run_dir={job.run_dir.resolve()}",
                               "logging.overwrite=true"]).to_dict()
     return saved == want and records[-1]["step"] == want["train"]["steps"]
 
@@ -178,6 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help=f"train.steps (default: the base config's; --smoke: "
                    f"{SMOKE_STEPS})")
     p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every run")
+    p.add_argument("--base", default=str(BASE), help="the config the variants override, e.g. configs/moe_xs.yaml "
+                   "for the paper's sizes ('dense' is then its dense twin)")
     p.add_argument("--corpus", choices=("auto", *CORPORA), default="auto",
                    help="auto: english when corpus/english/ is built, else shakespeare (--smoke: shakespeare)")
     p.add_argument("--smoke", action="store_true", help="toy size on the CPU (see above)")
@@ -193,7 +199,7 @@ def parse_args(argv=None):
         args.steps = args.steps or SMOKE_STEPS
         args.corpus = "shakespeare" if args.corpus == "auto" else args.corpus
     args.variants = args.variants or ",".join(VARIANTS)
-    args.steps = args.steps or load_config(BASE).train.steps
+    args.steps = args.steps or load_config(args.base).train.steps
     return args
 
 
@@ -203,7 +209,7 @@ def main(argv=None, run=run_pretrain) -> int:
     try:
         jobs = build_grid(args)
         for job in jobs:  # every config is checked before the first run starts
-            load_config(BASE, job.overrides)
+            load_config(job.base, job.overrides)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

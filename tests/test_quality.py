@@ -160,6 +160,15 @@ def test_quality_grid_and_every_config_in_it():
     english = quality.build_grid(quality.parse_args(["--corpus", "english", "--variants", "dense", "--steps", "40"]))
     cfg = load_config(BASE, english[0].overrides)
     assert cfg.data.valid_paths == ["corpus/english/english_valid_text_document"] and cfg.train.steps == 40
+    paper = quality.build_grid(quality.parse_args(["--base", "configs/moe_xs.yaml", "--variants",
+                                                   "dense,top1-dropless", "--seeds", "1", "--steps", "954",
+                                                   "--set", "train.global_batch_size=512"]))
+    assert [j.command[2:4] for j in paper] == [["--config", str(Path("configs/moe_xs.yaml").resolve())]] * 2
+    dense, moe = (load_config(j.base, j.overrides) for j in paper)
+    for cfg in (dense, moe):  # the paper's sizes and batch, the English corpus when built
+        assert (cfg.model.hidden_size, cfg.data.seq_length, cfg.train.global_batch_size) == (512, 1024, 512)
+        assert cfg.train.steps == 954 and cfg.train.eval_interval % cfg.train.log_interval == 0
+    assert (dense.moe.num_experts, moe.moe.num_experts, moe.moe.top_k) == (0, 64, 1)
     with pytest.raises(quality.ConfigError, match="--variants names \\['top3'\\]"):
         quality.build_grid(quality.parse_args(["--variants", "top1-cf1,top3"]))
     with pytest.raises(quality.ConfigError, match="--seeds"):
